@@ -1,0 +1,98 @@
+"""Plain-PyTorch reference of the three fused operations (SPEC.md, "The fused operations").
+
+This module is the single home of the guidance math: the C++, CUDA and Triton kernels are faster
+copies of these functions and are tested against them. Equation numbers refer to the SP-Guard paper
+(Yu & Moon, arXiv 2511.11014). All math runs in fp32 whatever the input dtype; eps is returned in the
+input dtype, every statistic in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def quantile_index(q: float, n: int) -> int:
+    """Index of the q-quantile among n ascending-sorted values (SPEC.md: floor(q * (n - 1))).
+
+    Computed once on the host, in Python floats, so every backend uses the same index.
+    """
+    return math.floor(q * (n - 1))
+
+
+def _threshold(values: Tensor, q: float) -> Tensor:
+    """Per-row q-quantile of a (B, n) tensor: the value at quantile_index(q, n) of the sorted row."""
+    k = quantile_index(q, values.shape[1])
+    return torch.kthvalue(values, k + 1, dim=1, keepdim=True).values
+
+
+def _safe_cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
+    """cos = dot / (|a| |b|), defined as 0 where either norm is 0."""
+    denom = torch.sqrt(sq_a * sq_b)
+    return torch.where(denom > 0, dot / denom, torch.zeros_like(dot))
+
+
+def cross_attention_aggregate(q: Tensor, k: Tensor, token_mask: Tensor) -> Tensor:
+    """Attention the queries give to the masked tokens, averaged over heads.
+
+    q: (B, heads, L, d), k: (B, heads, K, d), token_mask: (B, K) (bool or 0/1).
+    Returns A: (B, L) fp32 = mean over heads of sum over masked tokens of softmax(q k^T / sqrt(d)).
+    """
+    scale = q.shape[-1] ** -0.5
+    probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * scale, dim=-1)
+    return (probs * token_mask.float()[:, None, None, :]).sum(-1).mean(1)
+
+
+def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
+    """SP-Guard phase 1 (steps i < t_p): plain CFG plus the statistics of the running cosine.
+
+    e_u, e_p: (B, C, H, W); e_s: (B, N, C, H, W), one row per unsafe concept.
+    Returns eps (B, C, H, W) in the input dtype (Eq. 1), and in fp32 dot(d_p, d_s[j]) (B, N),
+    |d_p|^2 (B,) and |d_s[j]|^2 (B, N), from which Eq. 6's cosine is formed.
+    """
+    u = e_u.float()
+    d_p = e_p.float() - u  # Eq. 5
+    d_s = e_s.float() - u[:, None]
+    eps = (u + guidance_scale * d_p).to(e_u.dtype)
+    dot = (d_p[:, None] * d_s).flatten(2).sum(-1)
+    sq_p = d_p.flatten(1).square().sum(-1)
+    sq_s = d_s.flatten(2).square().sum(-1)
+    return eps, dot, sq_p, sq_s
+
+
+def phase2_step(
+    e_u: Tensor,
+    e_p: Tensor,
+    e_s: Tensor,
+    strength: Tensor,
+    guidance_scale: float,
+    q: float,
+    attention: Tensor | None = None,
+):
+    """SP-Guard phase 2 (steps i >= t_p): selective, prompt-adaptive safe guidance.
+
+    e_u, e_p, e_s: (B, C, H, W), e_s for the concept chosen at the end of phase 1.
+    strength: (B,) fp32, lambda(i) * P+ for each sample (Eq. 7 without the mask).
+    attention: None for the noise mask (Eq. 8), or (B, H*W) aggregated concept-token attention
+    for the cross-attention mask.
+    Returns eps (B, C, H, W) in the input dtype and the weight M (B, C, H, W) fp32, 0 outside R.
+    """
+    B, C, H, W = e_u.shape
+    u = e_u.float()
+    d_p = e_p.float() - u  # Eq. 5
+    d_s = e_s.float() - u
+    # psi: per-pixel cosine over channels (Eq. 8).
+    psi = _safe_cosine((d_p * d_s).sum(1), d_p.square().sum(1), d_s.square().sum(1))  # (B, H, W)
+    if attention is None:
+        # Region R: |d_s| above its per-sample q-quantile (Eq. 8).
+        magnitude = d_s.abs().reshape(B, -1)
+        region = (magnitude > _threshold(magnitude, q)).reshape(B, C, H, W)
+    else:
+        attn = attention.float().reshape(B, -1)
+        region = (attn > _threshold(attn, q)).reshape(B, 1, H, W).expand(B, C, H, W)
+    weight = region * (1 + psi.abs())[:, None]  # M (Eq. 8 as printed: 1 + max(0, |psi|))
+    mu = strength.float()[:, None, None, None] * weight  # Eq. 7
+    eps = (u + guidance_scale * (d_p - mu * d_s)).to(e_u.dtype)  # Eq. 2, 3
+    return eps, weight
