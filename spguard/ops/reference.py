@@ -28,7 +28,7 @@ def _threshold(values: Tensor, q: float) -> Tensor:
     return torch.kthvalue(values, k + 1, dim=1, keepdim=True).values
 
 
-def _safe_cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
+def safe_cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
     """cos = dot / (|a| |b|), defined as 0 where either norm is 0."""
     denom = torch.sqrt(sq_a * sq_b)
     return torch.where(denom > 0, dot / denom, torch.zeros_like(dot))
@@ -84,7 +84,7 @@ def phase2_step(
     d_p = e_p.float() - u  # Eq. 5
     d_s = e_s.float() - u
     # psi: per-pixel cosine over channels (Eq. 8).
-    psi = _safe_cosine((d_p * d_s).sum(1), d_p.square().sum(1), d_s.square().sum(1))  # (B, H, W)
+    psi = safe_cosine((d_p * d_s).sum(1), d_p.square().sum(1), d_s.square().sum(1))  # (B, H, W)
     if attention is None:
         # Region R: |d_s| above its per-sample q-quantile (Eq. 8).
         magnitude = d_s.abs().reshape(B, -1)
