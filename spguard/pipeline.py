@@ -1,0 +1,264 @@
+"""SafeDiffusionPipeline: Stable Diffusion 1.x/2.x sampling with SP-Guard and its baselines."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .attention import ConceptAttention
+from .methods import SLD_CONCEPT, Concepts, NegativePrompt, SPGuard, resolve_method
+from .reports import Report
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+DEFAULTS_FILE = "spguard.json"  # optional defaults a model folder carries (concepts, guidance scale, ...)
+FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50, "concepts": [SLD_CONCEPT]}
+
+
+@dataclass
+class SafeDiffusionOutput:
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    reports: list[Report]
+
+
+class SafeDiffusionPipeline:
+    """Text-to-image sampling where every method (CFG, negative prompt, SLD, SP-Guard) shares one loop.
+
+    Each denoising step makes one UNet call on one batch: [null rows, prompt rows, concept rows].
+    Null and concept embeddings are encoded once and cached.
+    """
+
+    def __init__(self, unet, text_encoder, tokenizer, vae, scheduler, defaults: dict | None = None):
+        self.unet, self.text_encoder, self.tokenizer, self.vae, self.scheduler = (
+            unet, text_encoder, tokenizer, vae, scheduler)
+        self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
+        factor = getattr(vae.config, "factor", None)  # spguard's pixel-unshuffle autoencoder says so
+        self.vae_scale_factor = factor or 2 ** (len(vae.config.block_out_channels) - 1)
+        self.progress_bar_config = {}
+        self._text_cache: dict = {}
+
+    # ----------------------------------------------------------------------------------------------
+    # Construction
+    @classmethod
+    def from_components(cls, *, unet, text_encoder, tokenizer, vae, scheduler, defaults=None):
+        return cls(unet, text_encoder, tokenizer, vae, scheduler, defaults)
+
+    @classmethod
+    def from_pipe(cls, pipe, defaults=None):
+        """Share the components of a diffusers Stable Diffusion pipeline (no copies)."""
+        return cls(*(getattr(pipe, name) for name in COMPONENTS), defaults=defaults)
+
+    @classmethod
+    def from_pretrained(cls, path, torch_dtype: torch.dtype | None = None, device=None):
+        """Load a diffusers-format folder from local disk; never touches the network."""
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder not found: {path}")
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{path} is not a diffusers model folder: it has no model_index.json")
+        index = json.loads(index_file.read_text())
+        parts = {}
+        for name in COMPONENTS:
+            if name not in index or index[name][0] is None:
+                raise ValueError(f"{index_file} names no {name}")
+            library, class_name = index[name]
+            parts[name] = getattr(importlib.import_module(library), class_name).from_pretrained(path / name)
+        defaults_file = path / DEFAULTS_FILE
+        defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else None
+        return cls(**parts, defaults=defaults).to(device, torch_dtype)
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        for module in (self.unet, self.text_encoder, self.vae):
+            module.to(device=device, dtype=dtype)
+        self._text_cache.clear()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def set_progress_bar_config(self, **kwargs):
+        self.progress_bar_config = kwargs
+
+    # ----------------------------------------------------------------------------------------------
+    # Text
+    def _tokenize(self, texts: list[str], max_length: int):
+        return self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                              return_tensors="pt")
+
+    def _encode(self, texts: list[str]):
+        """Embeddings and content-token masks of texts, as diffusers' StableDiffusionPipeline encodes them."""
+        max_length = self.tokenizer.model_max_length
+        tokens = self._tokenize(texts, max_length)
+        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if untruncated.shape[-1] > max_length:
+            removed = self.tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
+            logger.warning("Prompts were truncated to the text encoder's %d tokens; removed: %s", max_length, removed)
+        mask = tokens.attention_mask.to(self.device)
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask if use_mask else None)[0]
+        ids = tokens.input_ids.to(self.device)
+        special = torch.tensor(self.tokenizer.all_special_ids, device=self.device)
+        content = (mask > 0) & ~torch.isin(ids, special)
+        return embeds.to(self.dtype), content
+
+    def _encode_cached(self, texts: tuple[str, ...]):
+        """Null and concept texts repeat across calls: encode them once per device and dtype."""
+        key = (texts, self.device, self.dtype)
+        if key not in self._text_cache:
+            self._text_cache[key] = self._encode(list(texts))
+        return self._text_cache[key]
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        method="spguard",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | list[int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        report_masks: bool = False,
+    ) -> SafeDiffusionOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        method = resolve_method(method)
+        steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        scale = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        height = height or self.defaults.get("height") or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.defaults.get("width") or self.unet.config.sample_size * self.vae_scale_factor
+        self._check(prompts, steps, height, width, output_type)
+        batch = len(prompts)
+        generator = self._generators(generator, seed, batch)
+
+        # Text: [null rows, prompt rows] and the method's concepts (cached).
+        concept_texts = tuple(method.concepts or self.defaults["concepts"])
+        negatives = self._negative_prompts(negative_prompt, method, concept_texts, batch)
+        cond, _ = self._encode(prompts)
+        if negatives is None:
+            uncond = self._encode_cached(("",))[0].expand(batch, -1, -1)
+        else:
+            uncond = self._encode(negatives)[0]
+        concepts = None
+        if method.name in ("sld", "spguard"):
+            if method.name == "sld":
+                concept_texts = (", ".join(concept_texts),)
+            concepts = Concepts(concept_texts, *self._encode_cached(concept_texts))
+
+        # Scheduler and initial latents, as diffusers prepares them.
+        self.scheduler.set_timesteps(steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+
+        guider = method.start(batch, len(timesteps), scale, concepts, report_masks)
+        attention = None
+        if isinstance(method, SPGuard) and method.mask == "attention":
+            attention = ConceptAttention(self.unet, method.attention_layers)
+        with attention or contextlib.nullcontext(), tqdm(total=len(timesteps), **self.progress_bar_config) as progress:
+            for i, t in enumerate(timesteps):
+                x = self.scheduler.scale_model_input(latents, t)
+                rows = guider.rows
+                if rows is None:
+                    x_all, embeds = torch.cat([x, x]), torch.cat([uncond, cond])
+                else:
+                    x_all = torch.cat([x, x, x.index_select(0, rows.samples)])
+                    embeds = torch.cat([uncond, cond, rows.embeds])
+                if guider.needs_attention:
+                    attention.begin(2 * batch, rows.token_mask, shape[2:])
+                noise = self.unet(x_all, t, encoder_hidden_states=embeds).sample
+                captured = attention.end() if guider.needs_attention else None
+                e_u, e_p, e_s = noise[:batch], noise[batch : 2 * batch], noise[2 * batch :]
+                eps = guider.guide(i, e_u, e_p, e_s, captured)
+                latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+                progress.update()
+
+        images = self._decode(latents, output_type)
+        reports = [Report(prompt=p, method=method.name, **r) for p, r in zip(prompts, guider.reports())]
+        return SafeDiffusionOutput(images=images, reports=reports)
+
+    # ----------------------------------------------------------------------------------------------
+    def _check(self, prompts, steps, height, width, output_type):
+        if not prompts:
+            raise ValueError("no prompts given")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {steps}")
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+
+    @staticmethod
+    def _generators(generator, seed, batch):
+        if generator is not None and seed is not None:
+            raise ValueError("give either generator or seed, not both")
+        if seed is None:
+            generator_list = generator
+        elif isinstance(seed, int):
+            generator_list = torch.Generator().manual_seed(seed)
+        else:
+            generator_list = [torch.Generator().manual_seed(int(s)) for s in seed]
+        if isinstance(generator_list, list) and len(generator_list) != batch:
+            raise ValueError(f"{len(generator_list)} generators or seeds for {batch} prompts")
+        return generator_list
+
+    @staticmethod
+    def _negative_prompts(negative_prompt, method, concept_texts, batch):
+        if isinstance(method, NegativePrompt):
+            if negative_prompt is not None:
+                raise ValueError("the negative-prompt method carries its own text; do not pass negative_prompt too")
+            negative_prompt = method.text if method.text is not None else ", ".join(concept_texts)
+        if negative_prompt is None:
+            return None
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != batch:
+            raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
+        return negatives
+
+    def _step_kwargs(self, generator, eta):
+        accepted = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in accepted:
+            kwargs["eta"] = eta
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _decode(self, latents, output_type):
+        if output_type == "latent":
+            return latents
+        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type == "np":
+            return image
+        return [Image.fromarray(x) for x in (image * 255).round().astype("uint8")]

@@ -1,0 +1,158 @@
+"""The engine against diffusers' own pipelines on the same tiny weights, and its general contracts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+import spguard
+from spguard import SLD, SafeDiffusionPipeline, SPGuard
+from spguard.testing import SD_SCHEDULE
+
+from .helpers import STEPS, components, diffusers_pipe, gen, ours
+
+PROMPTS = ["a red cat", "a photo of a dog with a knife"]
+TIGHT = 1e-5  # fp32 on the same weights: only batch-composition effects of the UNet kernels remain
+
+
+def test_cfg_equals_diffusers_stable_diffusion():
+    expected = diffusers_pipe()(PROMPTS, num_inference_steps=STEPS, generator=gen(0), output_type="np").images
+    got = ours()(PROMPTS, num_inference_steps=STEPS, generator=gen(0), output_type="np", method="cfg").images
+    np.testing.assert_allclose(got, expected, atol=TIGHT)
+
+
+def test_negative_prompt_equals_diffusers():
+    kwargs = dict(num_inference_steps=STEPS, generator=gen(1), output_type="np")
+    expected = diffusers_pipe()(PROMPTS, negative_prompt=["blood", "a knife"], **kwargs).images
+    got = ours()(PROMPTS, method=spguard.NegativePrompt("blood"), **{**kwargs, "generator": gen(1)}).images
+    np.testing.assert_allclose(got[0], expected[0], atol=TIGHT)
+    got = ours()(PROMPTS, negative_prompt=["blood", "a knife"], method="cfg", **{**kwargs, "generator": gen(1)})
+    np.testing.assert_allclose(got.images, expected, atol=TIGHT)
+
+
+def test_sld_concept_is_diffusers_default():
+    assert diffusers_pipe(safe=True)._safety_text_concept == spguard.SLD_CONCEPT
+
+
+@pytest.mark.parametrize("preset", ["weak", "medium", "strong", "max"])
+def test_sld_presets_equal_diffusers_safe_pipeline(preset):
+    steps = 18  # past SLD-weak's 15 warm-up steps, so every preset guides
+    config = getattr(SafetyConfig, preset.upper())
+    expected = diffusers_pipe(safe=True)(
+        PROMPTS, num_inference_steps=steps, generator=gen(2), output_type="np", **config).images
+    got = ours()(PROMPTS, num_inference_steps=steps, generator=gen(2), output_type="np", method=SLD(preset)).images
+    np.testing.assert_allclose(got, expected, atol=TIGHT)
+    # The guidance did something: SLD differs from plain CFG.
+    plain = ours()(PROMPTS, num_inference_steps=steps, generator=gen(2), output_type="np", method="cfg").images
+    assert np.abs(got - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "scheduler_class",
+    [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+     PNDMScheduler],
+)
+def test_any_scheduler_matches_diffusers(scheduler_class):
+    scheduler = scheduler_class(**SD_SCHEDULE)
+    expected = diffusers_pipe(scheduler=scheduler)(
+        PROMPTS, num_inference_steps=STEPS, generator=gen(3), output_type="np").images
+    pipe = SafeDiffusionPipeline.from_components(**{**components(), "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(PROMPTS, num_inference_steps=STEPS, generator=gen(3), output_type="np", method="cfg").images
+    np.testing.assert_allclose(got, expected, atol=TIGHT)
+    # SP-Guard runs on every scheduler too, and differs from CFG only where it guides.
+    guided = pipe(PROMPTS, num_inference_steps=STEPS, generator=gen(3), output_type="np",
+                  method=SPGuard(t_p=3)).images
+    assert np.isfinite(guided).all()
+
+
+def test_from_pretrained_of_saved_folder_equals_components(tmp_path):
+    diffusers_pipe().save_pretrained(tmp_path)
+    loaded = SafeDiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=STEPS, output_type="np", method=SPGuard(t_p=3))
+    np.testing.assert_array_equal(loaded(PROMPTS, seed=4, **kwargs).images, ours()(PROMPTS, seed=4, **kwargs).images)
+
+
+def test_from_pretrained_reads_model_defaults(tmp_path):
+    diffusers_pipe().save_pretrained(tmp_path)
+    (tmp_path / "spguard.json").write_text(json.dumps({"concepts": ["a knife", "blood"], "guidance_scale": 3.0}))
+    pipe = SafeDiffusionPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(PROMPTS, num_inference_steps=4, seed=0, output_type="latent", method=SPGuard(t_p=2))
+    assert {r.concept for r in out.reports} <= {"a knife", "blood"}
+    explicit = ours()(PROMPTS, num_inference_steps=4, seed=0, output_type="latent", guidance_scale=3.0,
+                      method=SPGuard(t_p=2, concepts=["a knife", "blood"]))
+    torch.testing.assert_close(out.images, explicit.images, rtol=0, atol=TIGHT)
+
+
+def test_from_pretrained_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        SafeDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        SafeDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_from_pipe_shares_components():
+    pipe = diffusers_pipe()
+    safe = SafeDiffusionPipeline.from_pipe(pipe)
+    assert safe.unet is pipe.unet and safe.text_encoder is pipe.text_encoder
+
+
+def test_reproducible_for_a_seed_and_output_types():
+    pipe = ours()
+    a = pipe(PROMPTS, num_inference_steps=4, seed=7, output_type="np").images
+    b = pipe(PROMPTS, num_inference_steps=4, seed=7, output_type="np").images
+    np.testing.assert_array_equal(a, b)
+    pil = pipe(PROMPTS, num_inference_steps=4, seed=7, output_type="pil").images
+    assert pil[0].size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(pil[0]), (a[0] * 255).round().astype("uint8"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_runs_close_to_fp32(dtype):
+    kwargs = dict(num_inference_steps=4, output_type="np", method=SPGuard(t_p=2))
+    reference = ours()(PROMPTS, seed=5, **kwargs).images
+    pipe = SafeDiffusionPipeline.from_components(**components(1)).to(dtype=dtype)
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        low = pipe(PROMPTS, seed=5, **kwargs)
+    finally:
+        pipe.to(dtype=torch.float32)
+    fp32 = SafeDiffusionPipeline.from_components(**components(1))
+    fp32.set_progress_bar_config(disable=True)
+    reference = fp32(PROMPTS, seed=5, **kwargs).images
+    assert low.images.dtype == np.float32
+    assert np.abs(low.images - reference).mean() < 0.02
+
+
+def test_bad_arguments():
+    pipe = ours()
+    with pytest.raises(ValueError, match="no prompts"):
+        pipe([], num_inference_steps=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        pipe("a cat", num_inference_steps=0)
+    with pytest.raises(ValueError, match="unknown method"):
+        pipe("a cat", method="nope")
+    with pytest.raises(ValueError, match="q must lie"):
+        SPGuard(q=1.0)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipe("a cat", height=33, num_inference_steps=1)
+    with pytest.raises(ValueError, match="either generator or seed"):
+        pipe("a cat", seed=1, generator=gen(1), num_inference_steps=1)
+
+
+def test_long_prompt_is_truncated_with_a_warning(caplog):
+    long_prompt = " ".join(["cat"] * 200)
+    out = ours()(long_prompt, num_inference_steps=1, seed=0, output_type="latent", method="cfg")
+    assert out.images.shape[0] == 1
+    assert "truncated" in caplog.text
