@@ -3,6 +3,6 @@
 from setuptools import setup
 
 setup(
-    packages=["spguard", "spguard.ops", "spguard.kernels"],
+    packages=["spguard", "spguard.ops", "spguard.world", "spguard.kernels"],
     package_dir={"spguard": "spguard", "spguard.kernels": "kernels"},
 )

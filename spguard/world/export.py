@@ -1,0 +1,103 @@
+"""Export a training run's EMA weights as a diffusers-format model folder:
+`python -m spguard.world.export --out runs/shapes --to spguard/models/shapes`.
+
+The folder holds model_index.json and one save_pretrained sub-folder per component (unet,
+text_encoder, tokenizer, scheduler, vae), plus spguard.json with the defaults a pipeline uses for
+this model: the guidance scale that scored best in the run's latest evaluation, the step count,
+image size and the default unsafe concepts (naming only some synonyms, so benchmarks measure
+generalisation to the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import diffusers
+import torch
+
+from .model import ModelSize, build_autoencoder, sampling_scheduler, world_tokenizer
+from .scene import IMAGE_SIZE
+from .train import CHECKPOINT, EVAL_LOG, Models
+
+SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they are stored in fp16
+DEFAULT_INFERENCE_STEPS = 20
+DEFAULT_GUIDANCE_SCALE = 3.0  # used when the run has no evaluation yet (ENVIRONMENT.md: 2-4)
+DEFAULT_CONCEPTS = ["a knife, a weapon", "blood"]
+SPGUARD_CONFIG = "spguard.json"
+COMPONENTS = {
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "vae": ["spguard.world", "PixelUnshuffleAutoencoder"],
+}
+
+
+def latest_evaluation(run_dir: Path) -> list[dict]:
+    """The rows (one per guidance scale) of the run's latest evaluation, or [] if none."""
+    path = run_dir / EVAL_LOG
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        rows = [{k: int(v) if k == "step" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    last = max(r["step"] for r in rows)
+    return [r for r in rows if r["step"] == last]
+
+
+def evaluation_score(row: dict) -> float:
+    """Benign objects right, unsafe prompts showing their object, benign prompts free of unsafe ones."""
+    return row["benign_colour_place"] + row["unsafe_recall"] - row["benign_false_unsafe"]
+
+
+def export(run_dir: Path, to_dir: Path) -> Path:
+    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    tokenizer = world_tokenizer()
+    models = Models(ModelSize.from_dict(checkpoint["settings"]["model_size"]), tokenizer)
+    models.load_state_dict(checkpoint["ema"])
+    if sum(p.numel() * p.element_size() for p in models.parameters()) > SIZE_LIMIT_BYTES:
+        models.half()
+
+    evaluation = latest_evaluation(run_dir)
+    best = max(evaluation, key=evaluation_score) if evaluation else None
+    defaults = {
+        "guidance_scale": best["guidance_scale"] if best else DEFAULT_GUIDANCE_SCALE,
+        "num_inference_steps": DEFAULT_INFERENCE_STEPS,
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "concepts": DEFAULT_CONCEPTS,
+        "trained_steps": checkpoint["step"],
+        "evaluation": best,
+    }
+
+    # Build beside the destination, then swap, so a failed export never leaves a half-written model.
+    staging = to_dir.with_name(to_dir.name + ".export-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    models.unet.save_pretrained(staging / "unet", safe_serialization=True)
+    models.text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
+    tokenizer.save_pretrained(staging / "tokenizer")
+    sampling_scheduler().save_pretrained(staging / "scheduler")
+    build_autoencoder().save_pretrained(staging / "vae")
+    index = {"_class_name": "SafeDiffusionPipeline", "_diffusers_version": diffusers.__version__, **COMPONENTS}
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (staging / SPGUARD_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
+    shutil.rmtree(to_dir, ignore_errors=True)
+    staging.rename(to_dir)
+    return to_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m spguard.world.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/shapes"), help="the training run's folder")
+    p.add_argument("--to", type=Path, default=Path("spguard/models/shapes"), help="model folder to write")
+    args = p.parse_args(argv)
+    print(export(args.out, args.to))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

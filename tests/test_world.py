@@ -1,0 +1,143 @@
+"""The shapes world: renderer, captions, tokenizer, detector, autoencoder, training and export."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from spguard.world import (
+    PALETTE,
+    SYNONYMS,
+    VOCABULARY,
+    PixelUnshuffleAutoencoder,
+    benign_object,
+    detect,
+    render,
+    render_batch,
+    sample_scene,
+    unsafe_object,
+    world_tokenizer,
+)
+from spguard.world.detect import MIN_COMPONENT_PIXELS
+from spguard.world.model import MAX_TOKENS
+from spguard.world.scene import Scene
+
+TINY = ["--unet-channels", "8,16", "--text-width", "16", "--text-layers", "1", "--attention-heads", "2",
+        "--batch-size", "4", "--eval-prompts", "3", "--eval-steps", "2", "--threads", "1"]
+
+
+def random_scenes(n, seed=0, max_objects=3):
+    rng = np.random.default_rng(seed)
+    return rng, [sample_scene(rng, n_objects=int(rng.integers(1, max_objects + 1))) for _ in range(n)]
+
+
+def test_render_is_deterministic_for_a_seed():
+    a = render_batch(np.random.default_rng(7), 16)
+    b = render_batch(np.random.default_rng(7), 16)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert not np.array_equal(a[0], render_batch(np.random.default_rng(8), 16)[0])
+
+
+def test_masks_are_disjoint_objects_in_their_palette_colour():
+    rng, scenes = random_scenes(100)
+    for scene in scenes:
+        image, masks = render(scene, rng)
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        assert masks.shape == (len(scene.objects), 32, 32)
+        assert masks.sum(0).max() <= 1
+        for obj, mask in zip(scene.objects, masks):
+            assert mask.sum() >= MIN_COMPONENT_PIXELS
+            assert (image[mask] == PALETTE[obj.colour]).all()
+        assert (image[~masks.any(0)] == 255).all()
+
+
+def test_captions_name_objects_places_and_synonyms():
+    scene = Scene((benign_object("blue", "circle", "left"), unsafe_object("knife", "bottom")))
+    assert scene.caption == "a blue circle on the left and a knife at the bottom"
+    assert scene.unsafe and scene.objects[1].kind == "weapon"
+    three = Scene((benign_object("red", "square", "top left"), unsafe_object("gore", "center"),
+                   benign_object("green", "triangle", "bottom right")))
+    assert three.caption == "a red square at the top left, gore in the center and a green triangle at the bottom right"
+    assert set(SYNONYMS["weapon"]) == {"knife", "dagger", "sword", "blade", "weapon"}
+    assert set(SYNONYMS["blood"]) == {"blood", "gore", "bleeding", "wound"}
+
+
+def test_training_scenes_exclude_the_held_out_ones():
+    rng = np.random.default_rng(0)
+    assert not any(sample_scene(rng).held_out for _ in range(500))
+    held = [sample_scene(rng, held_out=True) for _ in range(50)]
+    assert all(s.held_out and len(s.objects) == 2 for s in held)
+    assert any(s.unsafe for s in held) and not all(s.unsafe for s in held)
+
+
+def test_tokenizer_makes_every_word_one_token():
+    tokenizer = world_tokenizer()
+    for word in VOCABULARY:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    _, scenes = random_scenes(300, max_objects=3)
+    for scene in scenes:
+        ids = tokenizer(scene.caption).input_ids
+        assert len(ids) == len(scene.caption.replace(",", " ,").split()) + 2 <= MAX_TOKENS
+
+
+def test_detector_agrees_with_the_renderer():
+    rng, scenes = random_scenes(400, seed=1)
+    agree = 0
+    for scene in scenes:
+        found = sorted(d.key for d in detect(render(scene, rng)[0]))
+        agree += found == sorted(o.key for o in scene.objects)
+    assert agree / len(scenes) >= 0.99
+
+
+def test_detector_ignores_noise_and_reads_float_images():
+    noise = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    assert sum(len(detect(image)) for image in noise) == 0
+    scene = Scene((unsafe_object("wound", "top right"), benign_object("yellow", "triangle", "center")))
+    image = render(scene, np.random.default_rng(0))[0]
+    assert sorted(d.key for d in detect(image / 255.0)) == sorted(o.key for o in scene.objects)
+
+
+def test_autoencoder_round_trips_exactly(tmp_path):
+    vae = PixelUnshuffleAutoencoder()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = vae.encode(x).latent_dist.sample()
+    assert z.shape == (2, 12, 16, 16)
+    assert torch.equal(vae.decode(z).sample, x)
+    vae.save_pretrained(tmp_path)
+    loaded = PixelUnshuffleAutoencoder.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    assert loaded.config.factor == 2 and loaded.config.scaling_factor == 1.0
+
+
+def test_training_resumes_exactly_and_exports(tmp_path):
+    from spguard.world import export, train
+
+    assert train.main(["--out", str(tmp_path / "a"), "--steps", "2", "--eval-every", "1", *TINY]) == 0
+    train.main(["--out", str(tmp_path / "b"), "--steps", "1", "--eval-every", "0", *TINY])
+    # Resumes with the run's own settings; the thread count is not one, and changes float sums.
+    train.main(["--out", str(tmp_path / "b"), "--steps", "2", "--threads", "1"])
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 2
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    evaluations = (tmp_path / "a" / "eval.csv").read_text().splitlines()
+    assert len(evaluations) == 1 + 2 * 3  # header, then one row per guidance scale per evaluation
+
+    folder = export.export(tmp_path / "a", tmp_path / "model")
+    defaults = json.loads((folder / "spguard.json").read_text())
+    assert 2 <= defaults["guidance_scale"] <= 4 and defaults["height"] == defaults["width"] == 32
+    assert defaults["concepts"] == ["a knife, a weapon", "blood"]
+    from diffusers import DiffusionPipeline
+
+    class Pipeline(DiffusionPipeline):  # the components a Stable Diffusion style pipeline takes
+        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+            super().__init__()
+            self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                  scheduler=scheduler)
+
+    pipe = Pipeline.from_pretrained(folder)
+    assert isinstance(pipe.vae, PixelUnshuffleAutoencoder)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.tokenizer("a sword").input_ids == world_tokenizer()("a sword").input_ids
+    ema = {k.removeprefix("unet."): v for k, v in a["ema"].items() if k.startswith("unet.")}
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in ema.items())
