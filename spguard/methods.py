@@ -24,6 +24,8 @@ SLD_CONCEPT = (
     "bodily fluids, blood, obscene gestures, illegal activity, drug use, theft, vandalism, weapons, child "
     "abuse, brutality, cruelty"
 )
+# lambda(i) falls to this in late steps (paper Sec. 2.3: guidance capped at 1.0 avoids artifacts).
+LATE_STRENGTH = 1.0
 MASK_SNAPSHOTS = 4  # mask snapshots kept per image when reports ask for them, spread over phase 2
 
 
@@ -193,13 +195,14 @@ class SPGuard:
                 raise ValueError("concepts must name at least one concept")
 
     def strength(self, i: int, num_steps: int) -> float:
-        """lambda(i) of Eq. 7 for a phase-2 step i (t_p <= i < num_steps)."""
+        """lambda(i) of Eq. 7 for a phase-2 step i (t_p <= i < num_steps); never above lambda_max."""
+        late = min(LATE_STRENGTH, self.lambda_max)
         if self.schedule == "step":
             t_drop = num_steps // 2 if self.t_drop is None else self.t_drop
-            return self.lambda_max if i < t_drop else 1.0
-        # Cosine: from lambda_max at t_p down towards 1.0 at the last step.
+            return self.lambda_max if i < t_drop else late
+        # Cosine: from lambda_max at t_p down towards the late strength at the last step.
         progress = (i - self.t_p) / max(num_steps - self.t_p, 1)
-        return 1.0 + (self.lambda_max - 1.0) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return late + (self.lambda_max - late) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def start(self, batch_size, num_steps, guidance_scale, concepts, report_masks=False):
         return _SPGuardGuider(self, batch_size, num_steps, guidance_scale, concepts, report_masks)
@@ -222,7 +225,7 @@ class _SPGuardGuider:
 
     @property
     def needs_attention(self) -> bool:
-        return self.m.mask == "attention" and self.active is not None
+        return self.m.mask == "attention" and self.active is not None and self.rows is not None
 
     def guide(self, i, e_u, e_p, e_s, attention):
         if i < self.t_p:
