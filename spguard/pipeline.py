@@ -81,8 +81,9 @@ class SafeDiffusionPipeline:
         return cls(**parts, defaults=defaults).to(device, torch_dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
+        placement = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.unet, self.text_encoder, self.vae):
-            module.to(device=device, dtype=dtype)
+            module.to(**placement)
         self._text_cache.clear()
         return self
 

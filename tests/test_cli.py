@@ -1,0 +1,55 @@
+"""`spguard generate` end to end on the tiny model, and its one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spguard import SPGuard
+from spguard.cli import main
+
+from .helpers import ours
+
+
+def test_generate_end_to_end(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\nblood knife\n")
+    out = tmp_path / "out"
+    rc = main(["generate", "a photo of a dog", "--prompts", str(prompts), "--model", "tiny", "--steps", "4",
+               "--t-p", "2", "--seed", "3", "--batch-size", "2", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["prompt"] for r in report] == ["a photo of a dog", "a red cat", "blood knife"]
+    assert [r["seed"] for r in report] == [3, 4, 5]
+    # Each PNG is what the library draws for that prompt and seed.
+    expected = ours()(["a red cat"], seed=[4], num_inference_steps=4, method=SPGuard(t_p=2)).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / report[1]["image"])), np.asarray(expected))
+    assert "wrote 3 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["x", "--model", "/no/such/folder"], "model folder not found"),
+        (["x", "--method", "nope"], "unknown method"),
+        (["x", "--steps", "0"], "--steps must be at least 1"),
+        (["x", "--q", "1.5", "--model", "tiny"], "q must lie in (0, 1)"),
+        (["x", "--q", "0", "--model", "tiny"], "q must lie in (0, 1)"),
+        ([], "no prompts given"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(argv, message):
+    result = subprocess.run([sys.executable, "-m", "spguard.cli", "generate", *argv], capture_output=True, text=True)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("spguard: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_prompt_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    assert main(["generate", "--prompts", str(empty), "--model", "tiny"]) == 2
