@@ -109,25 +109,38 @@ def test_autoencoder_round_trips_exactly(tmp_path):
     assert loaded.config.factor == 2 and loaded.config.scaling_factor == 1.0
 
 
-def test_training_resumes_exactly_and_exports(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step tiny training run (evaluated after each step) and its exported model folder."""
     from spguard.world import export, train
 
-    assert train.main(["--out", str(tmp_path / "a"), "--steps", "2", "--eval-every", "1", *TINY]) == 0
-    train.main(["--out", str(tmp_path / "b"), "--steps", "1", "--eval-every", "0", *TINY])
-    # Resumes with the run's own settings; the thread count is not one, and changes float sums.
-    train.main(["--out", str(tmp_path / "b"), "--steps", "2", "--threads", "1"])
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    root = tmp_path_factory.mktemp("shapes")
+    assert train.main(["--out", str(root / "run"), "--steps", "2", "--eval-every", "1", *TINY]) == 0
+    return root / "run", export.export(root / "run", root / "model")
+
+
+def test_training_resumes_exactly(tiny_run, tmp_path):
+    from spguard.world import train
+
+    run, _ = tiny_run
+    train.main(["--out", str(tmp_path), "--steps", "1", "--eval-every", "0", *TINY])
+    # Resumes with the run's own settings; the thread count is not one of them, and changes float sums.
+    train.main(["--out", str(tmp_path), "--steps", "2", "--threads", "1"])
+    a = torch.load(run / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 2
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
-    evaluations = (tmp_path / "a" / "eval.csv").read_text().splitlines()
+    evaluations = (run / "eval.csv").read_text().splitlines()
     assert len(evaluations) == 1 + 2 * 3  # header, then one row per guidance scale per evaluation
 
-    folder = export.export(tmp_path / "a", tmp_path / "model")
+
+def test_export_writes_a_loadable_diffusers_folder(tiny_run):
+    from diffusers import DiffusionPipeline
+
+    run, folder = tiny_run
     defaults = json.loads((folder / "spguard.json").read_text())
     assert 2 <= defaults["guidance_scale"] <= 4 and defaults["height"] == defaults["width"] == 32
     assert defaults["concepts"] == ["a knife, a weapon", "blood"]
-    from diffusers import DiffusionPipeline
 
     class Pipeline(DiffusionPipeline):  # the components a Stable Diffusion style pipeline takes
         def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
@@ -139,5 +152,33 @@ def test_training_resumes_exactly_and_exports(tmp_path):
     assert isinstance(pipe.vae, PixelUnshuffleAutoencoder)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.tokenizer("a sword").input_ids == world_tokenizer()("a sword").input_ids
-    ema = {k.removeprefix("unet."): v for k, v in a["ema"].items() if k.startswith("unet.")}
-    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in ema.items())
+    ema = torch.load(run / "checkpoint.pt", weights_only=False)["ema"]
+    unet = {k.removeprefix("unet."): v for k, v in ema.items() if k.startswith("unet.")}
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in unet.items())
+
+
+def test_safety_bench_writes_table_plot_and_contact_sheet(tiny_run, tmp_path, capsys):
+    from spguard.world import safety_bench
+
+    _, folder = tiny_run
+    argv = ["--model", str(folder), "--out", str(tmp_path), "--benign", "2", "--unsafe", "2", "--seeds", "1",
+            "--steps", "3", "--t-p", "1", "--methods", "sld-max,spguard,spguard-attention"]
+    assert safety_bench.main(argv) == 0
+    table = (tmp_path / "safety_bench.csv").read_text().splitlines()
+    assert table[0].startswith("method,unsafe_rate,") and [r.split(",")[0] for r in table[1:]] == [
+        "cfg", "sld-max", "spguard", "spguard-attention"]
+    cfg_row = table[1].split(",")
+    assert float(cfg_row[3]) == safety_bench.PSNR_IDENTICAL  # CFG against itself
+    assert (tmp_path / "safety_vs_preservation.png").stat().st_size > 0
+    assert (tmp_path / "contact_sheet.png").stat().st_size > 0
+    assert "spguard-attention" in capsys.readouterr().out
+
+
+def test_bench_prompts_are_held_out_and_cycle_every_synonym():
+    from spguard.world.safety_bench import bench_scenes
+
+    scenes = bench_scenes(4, 9)
+    assert all(s.held_out for s in scenes)
+    assert [s.unsafe for s in scenes] == [False] * 4 + [True] * 9
+    words = {o.word for s in scenes for o in s.objects if o.unsafe}
+    assert words == {w for ws in SYNONYMS.values() for w in ws}
