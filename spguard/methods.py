@@ -218,8 +218,9 @@ class _SPGuardGuider:
         self.rows = concepts.rows(samples.repeat_interleave(n), torch.arange(n, device=device).repeat(batch_size))
         self.similarity = torch.zeros(batch_size, n, device=device)  # running sum of Eq. 6's cosine
         self.coverage = torch.zeros(batch_size, num_steps, device=device)
-        snapshot_steps = torch.linspace(self.t_p, num_steps - 1, MASK_SNAPSHOTS).round().long().unique().tolist()
-        self.snapshot_steps = snapshot_steps if report_masks and self.t_p < num_steps else []
+        last = num_steps - 1
+        spread = sorted({round(self.t_p + k * (last - self.t_p) / (MASK_SNAPSHOTS - 1)) for k in range(MASK_SNAPSHOTS)})
+        self.snapshot_steps = spread if report_masks and self.t_p < num_steps else []
         self.snapshots = None  # (B, S, H, W), allocated at the first phase-2 step
         self.active = None  # samples guided in phase 2, known after phase 1
 

@@ -185,14 +185,13 @@ class SafeDiffusionPipeline:
         if isinstance(method, SPGuard) and method.mask == "attention":
             attention = ConceptAttention(self.unet, method.attention_layers)
         with attention or contextlib.nullcontext(), tqdm(total=len(timesteps), **self.progress_bar_config) as progress:
+            rows, embeds = None, torch.cat([uncond, cond])
             for i, t in enumerate(timesteps):
+                if guider.rows is not rows:  # the rows change at most once, after phase 1
+                    rows = guider.rows
+                    embeds = torch.cat([uncond, cond] + ([] if rows is None else [rows.embeds]))
                 x = self.scheduler.scale_model_input(latents, t)
-                rows = guider.rows
-                if rows is None:
-                    x_all, embeds = torch.cat([x, x]), torch.cat([uncond, cond])
-                else:
-                    x_all = torch.cat([x, x, x.index_select(0, rows.samples)])
-                    embeds = torch.cat([uncond, cond, rows.embeds])
+                x_all = torch.cat([x, x] + ([] if rows is None else [x.index_select(0, rows.samples)]))
                 if guider.needs_attention:
                     attention.begin(2 * batch, rows.token_mask, shape[2:])
                 noise = self.unet(x_all, t, encoder_hidden_states=embeds).sample
