@@ -1,0 +1,263 @@
+// CPU implementation of the phase-1 and phase-2 guidance steps (SPEC.md ops 2 and 3; the oracle is
+// spguard/ops/reference.py). Inputs fp32/fp16/bf16, math and accumulation in fp32.
+//
+// Work is split into fixed-size chunks of one sample, independent of the thread count, and per-chunk
+// partial sums are combined in chunk order, so results do not depend on how many threads ran.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "../ordered_key.h"
+#include "convert.h"
+
+namespace spguard {
+namespace {
+
+// Elements of one sample that one task handles: big enough to amortise scheduling, small enough that
+// a single SD-1.5 latent (16384 elements) still spreads over several threads.
+constexpr int64_t kChunk = 4096;
+// Pixels whose channel statistics (for psi) are held at once in phase 2: fits in L1 with all channels'
+// loads staying in cache between the statistics loop and the output loop.
+constexpr int64_t kPixelTile = 256;
+
+void check_latents(const at::Tensor& e_u, const at::Tensor& e_p) {
+  TORCH_CHECK(e_u.dim() == 4, "spguard: e_u must be (B, C, H, W), got ", e_u.sizes());
+  TORCH_CHECK(e_p.sizes() == e_u.sizes(), "spguard: e_p must have e_u's shape");
+  TORCH_CHECK(e_p.scalar_type() == e_u.scalar_type(), "spguard: e_u and e_p dtypes differ");
+}
+
+// S: the storage type of the inputs (float, _Float16, or bf16 bits; see convert.h).
+template <typename S>
+void phase1_kernel(const S* u, const S* p, const S* s, S* eps, float* partials, int64_t B, int64_t N,
+                   int64_t n, float scale) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t stats = 2 * N + 1;  // dot[j], |d_s[j]|^2, then |d_p|^2
+  at::parallel_for(0, B * chunks, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t lo = (task % chunks) * kChunk;
+      const int64_t len = std::min(kChunk, n - lo);
+      const S* ub = u + b * n + lo;
+      const S* pb = p + b * n + lo;
+      S* eb = eps + b * n + lo;
+      float* out = partials + task * stats;
+      // Concept 0 shares the loop that writes eps, so with one concept each input is read once.
+      const S* s0 = s + b * N * n + lo;
+      float sq_p = 0.f, dot0 = 0.f, sq_s0 = 0.f;
+#pragma omp simd reduction(+ : sq_p, dot0, sq_s0)
+      for (int64_t i = 0; i < len; ++i) {
+        const float uf = load_f32(ub[i]);
+        const float dp = load_f32(pb[i]) - uf;  // Eq. 5
+        const float ds = load_f32(s0[i]) - uf;
+        eb[i] = store_as<S>(uf + scale * dp);  // Eq. 1
+        sq_p += dp * dp;
+        dot0 += dp * ds;
+        sq_s0 += ds * ds;
+      }
+      out[0] = dot0;
+      out[N] = sq_s0;
+      out[2 * N] = sq_p;
+      for (int64_t j = 1; j < N; ++j) {
+        const S* sb = s + (b * N + j) * n + lo;
+        float dot = 0.f, sq_s = 0.f;
+#pragma omp simd reduction(+ : dot, sq_s)
+        for (int64_t i = 0; i < len; ++i) {
+          const float uf = load_f32(ub[i]);
+          const float dp = load_f32(pb[i]) - uf;
+          const float ds = load_f32(sb[i]) - uf;
+          dot += dp * ds;
+          sq_s += ds * ds;
+        }
+        out[j] = dot;
+        out[N + j] = sq_s;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> phase1_step_cpu(const at::Tensor& e_u,
+                                                                           const at::Tensor& e_p,
+                                                                           const at::Tensor& e_s,
+                                                                           double guidance_scale) {
+  check_latents(e_u, e_p);
+  TORCH_CHECK(e_s.dim() == 5 && e_s.size(0) == e_u.size(0) && e_s.sizes().slice(2) == e_u.sizes().slice(1),
+              "spguard: e_s must be (B, N, C, H, W) matching e_u, got ", e_s.sizes());
+  TORCH_CHECK(e_s.scalar_type() == e_u.scalar_type(), "spguard: e_u and e_s dtypes differ");
+  const auto u = e_u.contiguous(), p = e_p.contiguous(), s = e_s.contiguous();
+  const int64_t B = u.size(0), N = s.size(1), n = u.numel() / std::max<int64_t>(B, 1);
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  auto eps = at::empty_like(u);
+  const int64_t stats = 2 * N + 1;
+  std::unique_ptr<float[]> partials(new float[B * chunks * stats]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "spguard_phase1_step", [&] {
+    phase1_kernel(storage_ptr(u.const_data_ptr<scalar_t>()), storage_ptr(p.const_data_ptr<scalar_t>()),
+                  storage_ptr(s.const_data_ptr<scalar_t>()), storage_ptr(eps.mutable_data_ptr<scalar_t>()),
+                  partials.get(), B, N, n, static_cast<float>(guidance_scale));
+  });
+  // Chunk partials are few (4 per SD-1.5 sample); summing them in order keeps the result deterministic.
+  const auto f32 = u.options().dtype(at::kFloat);
+  auto dot = at::zeros({B, N}, f32), sq_p = at::zeros({B}, f32), sq_s = at::zeros({B, N}, f32);
+  float *dot_out = dot.mutable_data_ptr<float>(), *sq_p_out = sq_p.mutable_data_ptr<float>(),
+        *sq_s_out = sq_s.mutable_data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* part = partials.get() + (b * chunks + c) * stats;
+      for (int64_t j = 0; j < N; ++j) {
+        dot_out[b * N + j] += part[j];
+        sq_s_out[b * N + j] += part[N + j];
+      }
+      sq_p_out[b] += part[2 * N];
+    }
+  return {eps, dot, sq_p, sq_s};
+}
+
+// k-th smallest (0-based) of keys[0..n): one histogram of the top kRadixBits, then an exact
+// nth_element over the few candidates in the bucket that holds rank k. `scratch` holds n keys.
+float select_kth(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_t>& scratch) {
+  constexpr int kShift = kKeyBits - kRadixBits;
+  int64_t histogram[kRadixBins] = {0};
+  for (int64_t i = 0; i < n; ++i) ++histogram[keys[i] >> kShift];
+  int64_t bucket = 0, below = 0;
+  while (below + histogram[bucket] <= k) below += histogram[bucket++];
+  scratch.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if ((keys[i] >> kShift) == static_cast<uint64_t>(bucket)) scratch.push_back(keys[i]);
+  auto kth = scratch.begin() + (k - below);
+  std::nth_element(scratch.begin(), kth, scratch.end());
+  return key_value(*kth);
+}
+
+// Phase 2 makes two passes over the latents with the noise mask and one with the attention mask.
+// The threshold eta is an order statistic of all C*H*W values of |d_s|, so no element's membership is
+// known before every element has been seen: pass 1 reads e_u and e_s and writes the order-preserving
+// keys of |d_s| (4 bytes/element, cache-resident at SD-1.5 sizes); a histogram radix select on them
+// finds eta; pass 2 reads the three inputs and writes eps and M. With the attention mask, eta comes
+// from the (B, H*W) map alone, so the latents are read once.
+template <typename S>
+void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, const float* eta,
+                   const float* attention, S* eps, float* weight, int64_t B, int64_t C, int64_t hw,
+                   float scale) {
+  const int64_t tiles = (hw + kPixelTile - 1) / kPixelTile;
+  at::parallel_for(0, B * tiles, 1, [=](int64_t begin, int64_t end) {
+    float dot[kPixelTile], sq_p[kPixelTile], sq_s[kPixelTile], bonus[kPixelTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles;
+      const int64_t lo = (task % tiles) * kPixelTile;
+      const int64_t len = std::min(kPixelTile, hw - lo);
+      const int64_t base = b * C * hw + lo;
+      std::fill_n(dot, len, 0.f);
+      std::fill_n(sq_p, len, 0.f);
+      std::fill_n(sq_s, len, 0.f);
+      for (int64_t c = 0; c < C; ++c) {
+        const S *uc = u + base + c * hw, *pc = p + base + c * hw, *sc = s + base + c * hw;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const float uf = load_f32(uc[i]);
+          const float dp = load_f32(pc[i]) - uf;  // Eq. 5
+          const float ds = load_f32(sc[i]) - uf;
+          dot[i] += dp * ds;
+          sq_p[i] += dp * dp;
+          sq_s[i] += ds * ds;
+        }
+      }
+      // psi: per-pixel cosine over channels, 0 where a norm is 0 (Eq. 8); M = R * (1 + |psi|).
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float denom = std::sqrt(sq_p[i] * sq_s[i]);
+        bonus[i] = 1.f + std::fabs(denom > 0.f ? dot[i] / denom : 0.f);
+      }
+      const float strength_b = strength[b], eta_b = eta[b];
+      const float* attn = attention ? attention + b * hw + lo : nullptr;
+      for (int64_t c = 0; c < C; ++c) {
+        const S *uc = u + base + c * hw, *pc = p + base + c * hw, *sc = s + base + c * hw;
+        S* ec = eps + base + c * hw;
+        float* wc = weight + base + c * hw;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const float uf = load_f32(uc[i]);
+          const float dp = load_f32(pc[i]) - uf;
+          const float ds = load_f32(sc[i]) - uf;
+          const float score = attn ? attn[i] : std::fabs(ds);
+          const float w = static_cast<float>(score > eta_b) * bonus[i];
+          wc[i] = w;
+          ec[i] = store_as<S>(uf + scale * (dp - strength_b * w * ds));  // Eq. 7, 2, 3
+        }
+      }
+    }
+  });
+}
+
+template <typename S>
+void magnitude_keys(const S* u, const S* s, uint32_t* keys, int64_t total) {
+  at::parallel_for(0, total, kChunk, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) keys[i] = ordered_key(std::fabs(load_f32(s[i]) - load_f32(u[i])));
+  });
+}
+
+// eta[b] = value at index quantile_index(q, n) of the ascending sort of row b of keys (B, n).
+void select_thresholds(const uint32_t* keys, float* eta, int64_t B, int64_t n, double q) {
+  const auto k = static_cast<int64_t>(std::floor(q * static_cast<double>(n - 1)));
+  at::parallel_for(0, B, 1, [=](int64_t begin, int64_t end) {
+    std::vector<uint32_t> scratch;
+    scratch.reserve(n);
+    for (int64_t b = begin; b < end; ++b) eta[b] = select_kth(keys + b * n, n, k, scratch);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> phase2_step_cpu(const at::Tensor& e_u, const at::Tensor& e_p,
+                                                   const at::Tensor& e_s, const at::Tensor& strength,
+                                                   double guidance_scale, double q,
+                                                   const std::optional<at::Tensor>& attention) {
+  check_latents(e_u, e_p);
+  TORCH_CHECK(e_s.sizes() == e_u.sizes() && e_s.scalar_type() == e_u.scalar_type(),
+              "spguard: e_s must match e_u in shape and dtype");
+  TORCH_CHECK(q >= 0.0 && q <= 1.0, "spguard: q must be in [0, 1], got ", q);
+  const int64_t B = e_u.size(0), C = e_u.size(1), hw = e_u.size(2) * e_u.size(3);
+  TORCH_CHECK(strength.numel() == B, "spguard: strength must have one value per sample");
+  const auto u = e_u.contiguous(), p = e_p.contiguous(), s = e_s.contiguous();
+  const auto strength32 = strength.to(at::kFloat).contiguous();
+  auto eps = at::empty_like(u);
+  auto weight = at::empty(u.sizes(), u.options().dtype(at::kFloat));
+  auto eta = at::empty({B}, u.options().dtype(at::kFloat));
+  at::Tensor attn32;
+  if (attention.has_value()) {
+    TORCH_CHECK(attention->numel() == B * hw, "spguard: attention must be (B, H*W)");
+    attn32 = attention->to(at::kFloat).contiguous();
+    // The attention map's own bits serve as keys: the select reads them through ordered_key.
+    std::unique_ptr<uint32_t[]> keys(new uint32_t[B * hw]);
+    const float* a = attn32.const_data_ptr<float>();
+    for (int64_t i = 0; i < B * hw; ++i) keys[i] = ordered_key(a[i]);
+    select_thresholds(keys.get(), eta.mutable_data_ptr<float>(), B, hw, q);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "spguard_phase2_step", [&] {
+    const auto *up = storage_ptr(u.const_data_ptr<scalar_t>()),
+               *pp = storage_ptr(p.const_data_ptr<scalar_t>()),
+               *sp = storage_ptr(s.const_data_ptr<scalar_t>());
+    if (!attention.has_value()) {
+      std::unique_ptr<uint32_t[]> keys(new uint32_t[u.numel()]);  // uninitialised: pass 1 fills it
+      magnitude_keys(up, sp, keys.get(), u.numel());
+      select_thresholds(keys.get(), eta.mutable_data_ptr<float>(), B, C * hw, q);
+    }
+    phase2_kernel(up, pp, sp, strength32.const_data_ptr<float>(), eta.const_data_ptr<float>(),
+                  attention.has_value() ? attn32.const_data_ptr<float>() : nullptr,
+                  storage_ptr(eps.mutable_data_ptr<scalar_t>()), weight.mutable_data_ptr<float>(), B, C, hw,
+                  static_cast<float>(guidance_scale));
+  });
+  return {eps, weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spguard, CPU, m) {
+  m.impl("phase1_step", &phase1_step_cpu);
+  m.impl("phase2_step", &phase2_step_cpu);
+}
+
+}  // namespace spguard

@@ -1,0 +1,47 @@
+"""Triton phase-1 step (SPEC.md op 2; oracle: spguard.ops.reference.phase1_step).
+
+One program per (sample, block of elements): it writes eps = e_u + s_g * d_p (Eq. 1) and its block's
+partial dot(d_p, d_s[j]), |d_p|^2, |d_s[j]|^2 (for Eq. 6's cosine), so each input is read once; the
+partials (a few per sample) are then summed in block order, which keeps the result deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+BLOCK = 1024  # elements per program: a multiple of the warp size, several programs per SD-1.5 latent
+
+
+@triton.jit
+def _phase1_kernel(u_ptr, p_ptr, s_ptr, eps_ptr, partial_ptr, n, N, blocks, scale, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1).to(tl.int64)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    u = tl.load(u_ptr + b * n + offs, mask=live, other=0.0).to(tl.float32)
+    d_p = tl.load(p_ptr + b * n + offs, mask=live, other=0.0).to(tl.float32) - u  # Eq. 5
+    tl.store(eps_ptr + b * n + offs, (u + scale * d_p).to(eps_ptr.dtype.element_ty), mask=live)
+    stats = 2 * N + 1  # dot[j], |d_s[j]|^2, then |d_p|^2
+    out = partial_ptr + (b * blocks + blk) * stats
+    tl.store(out + 2 * N, tl.sum(d_p * d_p, axis=0))
+    for j in range(N):
+        d_s = tl.load(s_ptr + (b * N + j) * n + offs, mask=live, other=0.0).to(tl.float32) - u
+        tl.store(out + j, tl.sum(d_p * d_s, axis=0))
+        tl.store(out + N + j, tl.sum(d_s * d_s, axis=0))
+
+
+@triton_op("spguard::phase1_step_triton", mutates_args=())
+def phase1_step(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor,
+                guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, N = e_s.shape[:2]
+    u, p, s = e_u.contiguous(), e_p.contiguous(), e_s.contiguous()
+    n = u[0].numel()
+    blocks = triton.cdiv(n, BLOCK)
+    eps = torch.empty_like(u)
+    partials = torch.empty((B, blocks, 2 * N + 1), dtype=torch.float32, device=u.device)
+    wrap_triton(_phase1_kernel)[(B, blocks)](u, p, s, eps, partials, n, N, blocks, float(guidance_scale), BLOCK=BLOCK)
+    totals = partials.sum(1)
+    return eps, totals[:, :N].contiguous(), totals[:, 2 * N].contiguous(), totals[:, N:2 * N].contiguous()
