@@ -43,5 +43,12 @@ def phase1_step(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor,
     eps = torch.empty_like(u)
     partials = torch.empty((B, blocks, 2 * N + 1), dtype=torch.float32, device=u.device)
     wrap_triton(_phase1_kernel)[(B, blocks)](u, p, s, eps, partials, n, N, blocks, float(guidance_scale), BLOCK=BLOCK)
-    totals = partials.sum(1)
-    return eps, totals[:, :N].contiguous(), totals[:, 2 * N].contiguous(), totals[:, N:2 * N].contiguous()
+    return eps, partials[..., :N].sum(1), partials[..., 2 * N].sum(1), partials[..., N:2 * N].sum(1)
+
+
+@phase1_step.register_fake
+def _(e_u, e_p, e_s, guidance_scale):
+    B, N = e_s.shape[:2]
+    f32 = dict(dtype=torch.float32, device=e_u.device)
+    return (torch.empty_like(e_u, memory_format=torch.contiguous_format), torch.empty((B, N), **f32),
+            torch.empty((B,), **f32), torch.empty((B, N), **f32))

@@ -50,7 +50,7 @@ def _guidance_kernel(u_ptr, p_ptr, s_ptr, strength_ptr, eta_ptr, attn_ptr, eps_p
         sq_s += d_s * d_s
     # psi: per-pixel cosine over channels, 0 where a norm is 0 (Eq. 8); M = R * (1 + |psi|).
     denom = tl.sqrt(sq_p * sq_s)
-    bonus = 1.0 + tl.abs(tl.where(denom > 0, dot / denom, 0.0))
+    bonus = 1.0 + tl.abs(tl.where(denom > 0, dot / tl.where(denom > 0, denom, 1.0), 0.0))
     strength = tl.load(strength_ptr + b)
     eta = tl.load(eta_ptr + b)
     if USE_ATTENTION:
@@ -88,3 +88,9 @@ def phase2_step(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor, strengt
         u, p, s, strength.to(torch.float32).contiguous(), eta, attn, eps, weight, C, hw, float(guidance_scale),
         USE_ATTENTION=attention is not None, BLOCK_PIXELS=BLOCK_PIXELS)
     return eps, weight
+
+
+@phase2_step.register_fake
+def _(e_u, e_p, e_s, strength, guidance_scale, q, attention):
+    return (torch.empty_like(e_u, memory_format=torch.contiguous_format),
+            torch.empty_like(e_u, dtype=torch.float32, memory_format=torch.contiguous_format))
