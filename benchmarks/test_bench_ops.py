@@ -1,0 +1,53 @@
+"""pytest-benchmark: each fused op vs the eager reference on SD-1.5-sized tensors (B = 1 and 8).
+
+Run: pytest benchmarks/ --benchmark-columns=median,ops (the summary table is also `spguard bench`).
+Each test prints the time ratio against the eager reference measured in the same run, and the GB/s
+achieved for the bytes the op must move.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from spguard import ops
+from spguard.bench import BATCHES, op_cases, time_call
+
+KERNEL_BACKENDS = [b.name for b in ops.backends() if b.available and b.name == "cpp"]
+CASES = [(batch, i) for batch in BATCHES for i in range(len(op_cases(1)))]
+_eager_seconds: dict[tuple[int, int], float] = {}
+
+
+def _case(batch, index):
+    return op_cases(batch)[index]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.mark.parametrize("batch,index", CASES, ids=lambda v: str(v))
+def test_eager(benchmark, batch, index):
+    case = _case(batch, index)
+    benchmark.group = f"{case.name} B={batch}"
+    benchmark(case.eager)
+    _eager_seconds[(batch, index)] = benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("batch,index", CASES, ids=lambda v: str(v))
+def test_fused(benchmark, backend, batch, index, monkeypatch):
+    monkeypatch.setenv("SPGUARD_BACKEND", backend)
+    case = _case(batch, index)
+    benchmark.group = f"{case.name} B={batch}"
+    benchmark(case.fused)
+    seconds = benchmark.stats.stats.median
+    eager = _eager_seconds.get((batch, index)) or time_call(case.eager)
+    benchmark.extra_info.update(ratio=eager / seconds, gbps=case.bytes_moved / seconds / 1e9)
+    print(f"\n{case.name} B={batch} {backend}: {seconds * 1e6:.1f} us, {eager / seconds:.2f}x eager, "
+          f"{case.bytes_moved / seconds / 1e9:.2f} GB/s (threads={torch.get_num_threads()}, "
+          f"SPGUARD_BACKEND={os.environ['SPGUARD_BACKEND']})")
