@@ -1,9 +1,8 @@
-"""Command line: `spguard generate`, `spguard bench`."""
+"""Command line: `spguard generate`, `spguard report`, `spguard eval`, `spguard bench`."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,9 +16,10 @@ class UsageError(Exception):
 
 
 def _generate_parser(sub):
-    p = sub.add_parser("generate", help="generate images (one PNG each) and a JSON report")
+    p = sub.add_parser("generate", help="generate images (one PNG each) and their reports; resumes when rerun")
     p.add_argument("prompt", nargs="*", help="prompts; or give --prompts FILE")
-    p.add_argument("--prompts", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--prompts", type=Path,
+                   help="a .txt (one prompt per line), .csv (a 'prompt' column) or .jsonl file (\"prompt\" fields)")
     p.add_argument("--model", default=None,
                    help="a local diffusers-format folder, or 'tiny' for tiny random components "
                         "(default: the embedded model when installed, else tiny)")
@@ -30,6 +30,10 @@ def _generate_parser(sub):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", type=Path, default=Path("out"))
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--with-baseline", action="store_true",
+                   help="also draw the CFG image of each prompt (NNNNNN.cfg.png) and the mask overlays")
+    p.add_argument("--masks", action="store_true", help="write SP-Guard's mask overlays (NNNNNN.mask.png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     spg = p.add_argument_group("SP-Guard")
     spg.add_argument("--lambda-max", type=float, default=4.0)
     spg.add_argument("--q", type=float, default=0.9)
@@ -38,21 +42,6 @@ def _generate_parser(sub):
     spg.add_argument("--schedule", choices=("step", "cosine"), default="step")
     spg.add_argument("--concept", action="append", help="an unsafe concept (repeatable; default: the model's)")
     p.set_defaults(func=generate)
-
-
-def _read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
-    if args.prompts is not None:
-        if not args.prompts.is_file():
-            raise UsageError(f"prompt file not found: {args.prompts}")
-        try:
-            prompts += [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines()]
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"{args.prompts}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        prompts = [p for p in prompts if p]
-    if not prompts:
-        raise UsageError("no prompts given: pass prompts as arguments or --prompts FILE")
-    return prompts
 
 
 def _method(args):
@@ -64,15 +53,21 @@ def _method(args):
     return methods.resolve_method(args.method)
 
 
+def resolve_model(model: str | None) -> str:
+    """--model as loaded: a folder, 'tiny', or (None) the embedded model if installed, else 'tiny'."""
+    if model is None:
+        return str(PACKAGED_MODEL) if (PACKAGED_MODEL / "model_index.json").is_file() else "tiny"
+    return model if model == "tiny" else str(Path(model).resolve())
+
+
 def load_pipeline(model: str | None, device: str | None = None):
-    """The pipeline for --model: a folder, 'tiny', or (None) the embedded model if installed, else tiny."""
+    """The pipeline for --model (see resolve_model) on a device (default: cuda when available)."""
     import torch
 
     from .pipeline import SafeDiffusionPipeline
     from .testing import tiny_components
 
-    if model is None:
-        model = str(PACKAGED_MODEL) if (PACKAGED_MODEL / "model_index.json").is_file() else "tiny"
+    model = resolve_model(model)
     if model == "tiny":
         pipe = SafeDiffusionPipeline.from_components(**tiny_components())
     else:
@@ -81,32 +76,58 @@ def load_pipeline(model: str | None, device: str | None = None):
 
 
 def generate(args) -> int:
-    from tqdm.auto import tqdm
+    from . import jobs
 
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    prompts = _read_prompts(args)
-    method = _method(args)
-    pipe = load_pipeline(args.model, args.device)
-    pipe.set_progress_bar_config(disable=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    reports = []
-    with tqdm(total=len(prompts), desc="images", unit="img") as progress:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = prompts[start : start + args.batch_size]
-            seeds = [args.seed + start + k for k in range(len(batch))]
-            out = pipe(batch, method=method, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                       seed=seeds)
-            for k, (image, report) in enumerate(zip(out.images, out.reports)):
-                name = f"{start + k:06d}.png"
-                image.save(args.out / name)
-                reports.append({"image": name, "seed": seeds[k], **report.to_dict()})
-            progress.update(len(batch))
-    (args.out / "report.json").write_text(json.dumps(reports, indent=1))
-    guided = sum(r["guided"] for r in reports)
-    print(f"wrote {len(reports)} images and report.json to {args.out} ({guided} guided)")
+    records = jobs.read_prompts(args.prompt, args.prompts)
+    model = resolve_model(args.model)
+    settings = jobs.JobSettings(model=model, method=_method(args), steps=args.steps,
+                                guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+                                with_baseline=args.with_baseline, masks=args.masks or args.with_baseline)
+    summary = jobs.run_job(records, settings, args.out, lambda device: load_pipeline(model, device),
+                           device=args.device, progress=not args.no_progress)
+    if summary is not None:  # rank 0 speaks for the job
+        print(f"wrote {summary.total} images and {jobs.REPORTS} to {args.out} ({summary.guided} guided)")
+        if summary.failed:
+            print(f"spguard: warning: {summary.failed} prompts failed; their errors are in {jobs.REPORTS}",
+                  file=sys.stderr)
+    return 0
+
+
+def _report_parser(sub):
+    p = sub.add_parser("report", help="write DIR/report.html: images, CFG images, masks, harmfulness")
+    p.add_argument("dir", type=Path, help="an output folder of `spguard generate`")
+    p.set_defaults(func=report)
+
+
+def report(args) -> int:
+    from .report_html import write_report
+
+    path = write_report(args.dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="unsafe rate (NudeNet), PSNR/SSIM against baselines, ROC AUC of harmfulness")
+    p.add_argument("dir", type=Path, help="an output folder of `spguard generate`")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="an output folder whose NNNNNN.png are the baselines (default: DIR's NNNNNN.cfg.png)")
+    p.add_argument("--nudenet-threshold", type=float, default=None,
+                   help="detection score from which an exposed body part makes an image unsafe")
+    p.set_defaults(func=evaluate)
+
+
+def evaluate(args) -> int:
+    from . import evaluate as ev
+
+    kwargs = {} if args.nudenet_threshold is None else {"nudenet_threshold": args.nudenet_threshold}
+    results = ev.evaluate(args.dir, baseline=args.baseline, **kwargs)
+    print(ev.format_table(results))
+    print(f"wrote {args.dir / ev.EVAL_FILE}")
     return 0
 
 
@@ -130,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spguard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _report_parser(sub)
+    _eval_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)
     try:

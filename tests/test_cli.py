@@ -21,7 +21,7 @@ def test_generate_end_to_end(tmp_path, capsys):
     rc = main(["generate", "a photo of a dog", "--prompts", str(prompts), "--model", "tiny", "--steps", "4",
                "--t-p", "2", "--seed", "3", "--batch-size", "2", "--out", str(out)])
     assert rc == 0
-    report = json.loads((out / "report.json").read_text())
+    report = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in report] == ["a photo of a dog", "a red cat", "blood knife"]
     assert [r["seed"] for r in report] == [3, 4, 5]
     # Each PNG is what the library draws for that prompt and seed.

@@ -1,0 +1,417 @@
+"""Batch generation jobs: prompt files, crash-safe outputs, resume, and sharding over torchrun ranks.
+
+A job writes into its output folder, for the prompt with index k (0-based, in file order):
+
+    NNNNNN.png        the image (k zero-padded to six digits)
+    NNNNNN.cfg.png    the CFG image for the same seed (--with-baseline)
+    NNNNNN.mask.png   the image with SP-Guard's last mask snapshot overlaid (--masks, guided prompts only)
+    NNNNNN.json       the prompt's report; written last, so its presence means the prompt is done
+    manifest.json     what the run draws (prompts and settings); a rerun must match it to resume
+    reports.jsonl     every report, one line per prompt in index order; written when the whole job is done
+
+Why one small JSON file per prompt rather than appending to one reports.jsonl as we go: every file is
+written to a temporary name in the same folder, fsync'ed, and renamed over its final name (os.replace is
+atomic within a file system), so a reader sees either no file or a complete one, whenever the process
+dies. The report is renamed into place only after the prompt's PNGs are, so "NNNNNN.json exists" means
+"all of prompt k's files are complete" and is the one test of done-ness that resume needs. An appended
+line could be cut short by a kill and would need repairing; a file per prompt never does, and ranks of a
+torchrun job never write to the same file. reports.jsonl is then assembled from the per-prompt files, in
+one atomic write, once all prompts are done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PROMPT_FORMATS = (".txt", ".csv", ".jsonl")
+MANIFEST = "manifest.json"
+REPORTS = "reports.jsonl"
+TMP_SUFFIX = ".tmp"
+MANIFEST_VERSION = 1
+# Labels a prompt file may give in its `label` column or field: unsafe is the positive class of eval's AUC.
+LABELS = {"unsafe": True, "1": True, "benign": False, "0": False}
+OVERLAY_COLOR = np.array([255.0, 0.0, 0.0])  # red where SP-Guard's mask guides
+OVERLAY_ALPHA = 0.5  # overlay opacity at the mask's strongest point
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read; the message names the file and line."""
+
+
+class ResumeError(ValueError):
+    """The output folder belongs to a different job."""
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    index: int
+    prompt: str
+    seed: int | None = None  # from the file; None: the run seed + index
+    fields: dict = field(default_factory=dict)  # the file's other columns or fields, kept in the report
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt files
+def read_prompts(prompts: list[str], path: Path | None) -> list[PromptRecord]:
+    """Prompts given on the command line, then those of a .txt, .csv or .jsonl file, indexed from 0."""
+    rows = [(prompt, {}) for prompt in prompts]
+    if path is not None:
+        rows += _read_prompt_file(Path(path))
+    if not rows:
+        raise PromptFileError("no prompts given: pass prompts as arguments or --prompts FILE")
+    records = []
+    for index, (prompt, fields) in enumerate(rows):
+        seed = fields.pop("seed", None)
+        records.append(PromptRecord(index, prompt, None if seed is None else int(seed), fields))
+    return records
+
+
+def _read_prompt_file(path: Path) -> list[tuple[str, dict]]:
+    if not path.is_file():
+        raise PromptFileError(f"prompt file not found: {path}")
+    if path.suffix.lower() not in PROMPT_FORMATS:
+        raise PromptFileError(f"{path}: unknown prompt file type; use one of {', '.join(PROMPT_FORMATS)}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # spreadsheet programs often write a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise PromptFileError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    reader = {".txt": _txt_rows, ".csv": _csv_rows, ".jsonl": _jsonl_rows}[path.suffix.lower()]
+    rows = []
+    for line, prompt, fields in reader(path, text):
+        rows.append((prompt, _check_fields(path, line, prompt, fields)))
+    if not rows:
+        raise PromptFileError(f"{path}: no prompts in the file")
+    return rows
+
+
+def _txt_rows(path, text) -> Iterator[tuple[int, str, dict]]:
+    for line, prompt in enumerate(text.splitlines(), 1):
+        if prompt.strip():  # blank lines separate nothing and are skipped
+            yield line, prompt.strip(), {}
+
+
+def _csv_rows(path, text) -> Iterator[tuple[int, str, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+    if "prompt" not in columns:
+        raise PromptFileError(f"{path}:1: no 'prompt' column (columns: {', '.join(columns) or 'none'})")
+    try:
+        for row in reader:
+            if None in row or None in row.values():  # DictReader's marks of too many or too few values
+                raise PromptFileError(f"{path}:{reader.line_num}: the row's number of values differs from "
+                                      f"the header's {len(columns)} columns")
+            fields = {k: v for k, v in row.items() if k != "prompt"}
+            yield reader.line_num, row["prompt"], fields
+    except csv.Error as exc:
+        raise PromptFileError(f"{path}:{reader.line_num}: bad CSV ({exc})") from None
+
+
+def _jsonl_rows(path, text) -> Iterator[tuple[int, str, dict]]:
+    for line, content in enumerate(text.splitlines(), 1):
+        if not content.strip():
+            continue
+        try:
+            obj = json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(f"{path}:{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise PromptFileError(f'{path}:{line}: expected a JSON object with a "prompt" field')
+        fields = {k: v for k, v in obj.items() if k != "prompt"}
+        yield line, obj["prompt"], fields
+
+
+def _check_fields(path, line, prompt, fields) -> dict:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptFileError(f"{path}:{line}: the prompt must be a non-empty string, got {prompt!r}")
+    seed = fields.get("seed")
+    if isinstance(seed, str) and not seed.strip():  # an empty CSV cell: the derived seed
+        seed = fields["seed"] = None
+    if seed is not None and not (isinstance(seed, int) or str(seed).strip().lstrip("-").isdigit()):
+        raise PromptFileError(f"{path}:{line}: seed must be an integer, got {seed!r}")
+    if "label" in fields and parse_label(fields["label"]) is None:
+        raise PromptFileError(f"{path}:{line}: label must be one of {', '.join(LABELS)}, got {fields['label']!r}")
+    return fields
+
+
+def parse_label(value) -> bool | None:
+    """True for unsafe, False for benign, None for anything else (bools and 1/0 from JSON count too)."""
+    return LABELS.get(str(int(value)) if isinstance(value, (bool, int)) else str(value).strip().lower())
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings and the run manifest
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything that decides a job's images; a resumed job must match it exactly."""
+
+    model: str
+    method: object  # a method object of spguard.methods
+    steps: int | None
+    guidance_scale: float | None
+    seed: int
+    # Batched convolutions are not bit-identical to unbatched ones, so the grouping of prompts into batches
+    # is part of what decides the images.
+    batch_size: int
+    with_baseline: bool = False
+    masks: bool = False
+
+    def seed_of(self, record: PromptRecord) -> int:
+        return record.seed if record.seed is not None else self.seed + record.index
+
+    def to_dict(self) -> dict:
+        method = {"name": type(self.method).__name__, **dataclasses.asdict(self.method)}
+        return json.loads(json.dumps({**dataclasses.asdict(self), "method": method}))
+
+
+def manifest(records: list[PromptRecord], settings: JobSettings) -> dict:
+    prompts = json.dumps([dataclasses.asdict(r) for r in records], sort_keys=True)
+    return {"version": MANIFEST_VERSION, "num_prompts": len(records),
+            "prompts_sha256": hashlib.sha256(prompts.encode()).hexdigest(),
+            "settings": settings.to_dict()}
+
+
+def prepare_output(out: Path, expected: dict) -> None:
+    """Check (or write) the manifest of the output folder and clear temporary files of a killed run."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST
+    if path.is_file():
+        found = json.loads(path.read_text())
+        if found != expected:
+            raise ResumeError(f"{out} holds a different job ({_difference(found, expected)}); "
+                              f"use another --out folder, or delete {out} to start over")
+    else:
+        _write_atomic(path, json.dumps(expected, indent=1).encode())
+    for leftover in out.glob("*" + TMP_SUFFIX):
+        leftover.unlink()
+
+
+def _difference(found: dict, expected: dict) -> str:
+    if found.get("prompts_sha256") != expected["prompts_sha256"]:
+        return f"other prompts: {found.get('num_prompts')} there, {expected['num_prompts']} now"
+    old, new = found.get("settings", {}), expected["settings"]
+    changed = [k for k in new if old.get(k) != new[k]]
+    return "other settings: " + ", ".join(f"{k} was {old.get(k)!r}, now {new[k]!r}" for k in changed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+def _stem(index: int) -> str:
+    return f"{index:06d}"
+
+
+def report_path(out: Path, index: int) -> Path:
+    return out / f"{_stem(index)}.json"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    # The temporary file sits in the same folder so that os.replace is a rename within one file system,
+    # which is atomic. fsync before the rename: after a power cut the name must not point at an empty file.
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_pixels(image: np.ndarray) -> np.ndarray:
+    """An H×W×3 float image in [0, 1] as uint8 pixels, rounded as the pipeline's PIL output is."""
+    return (image * 255).round().astype("uint8")
+
+
+def mask_overlay(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with a mask (latent resolution, any non-negative scale) overlaid in OVERLAY_COLOR."""
+    peak = mask.max()
+    weight = mask / peak if peak > 0 else mask
+    scale = pixels.shape[0] // mask.shape[0], pixels.shape[1] // mask.shape[1]
+    alpha = OVERLAY_ALPHA * np.kron(weight, np.ones(scale))[..., None]  # nearest upsampling to the image
+    return (pixels * (1 - alpha) + OVERLAY_COLOR * alpha).round().astype("uint8")
+
+
+def load_reports(out: Path) -> list[dict]:
+    """The reports of the prompts done so far in an output folder, in index order."""
+    if not out.is_dir():
+        raise FileNotFoundError(f"output folder not found: {out}")
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("[0-9]" * 6 + ".json"))]
+    if not reports:
+        raise FileNotFoundError(f"{out} holds no reports: run `spguard generate --out {out}` first")
+    return reports
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing
+@dataclass
+class _Drawn:
+    pixels: np.ndarray | None = None
+    cfg_pixels: np.ndarray | None = None
+    report: dict | None = None
+    error: str | None = None
+
+
+def _draw(pipe, records: list[PromptRecord], settings: JobSettings) -> list[_Drawn]:
+    """Images and reports of a batch. If the batch fails, each prompt is drawn alone to find the culprit."""
+    try:
+        return _draw_batch(pipe, records, settings)
+    except Exception as exc:  # noqa: BLE001 - any failure of one prompt must not stop the job
+        if len(records) == 1:
+            return [_Drawn(error=f"{type(exc).__name__}: {exc}")]
+        return [drawn for record in records for drawn in _draw(pipe, [record], settings)]
+
+
+def _draw_batch(pipe, records, settings) -> list[_Drawn]:
+    kwargs = dict(prompt=[r.prompt for r in records], num_inference_steps=settings.steps,
+                  guidance_scale=settings.guidance_scale, seed=[settings.seed_of(r) for r in records],
+                  output_type="np")
+    out = pipe(**kwargs, method=settings.method, report_masks=settings.masks)
+    cfg_images = pipe(**kwargs, method="cfg").images if settings.with_baseline else [None] * len(records)
+    drawn = []
+    for image, cfg_image, report in zip(out.images, cfg_images, out.reports):
+        if not np.isfinite(image).all() or (cfg_image is not None and not np.isfinite(cfg_image).all()):
+            drawn.append(_Drawn(error="the image has NaN or infinite values"))
+            continue
+        drawn.append(_Drawn(to_pixels(image), None if cfg_image is None else to_pixels(cfg_image),
+                            report.to_dict()))
+    return drawn
+
+
+def _save(out: Path, record: PromptRecord, settings: JobSettings, drawn: _Drawn) -> dict:
+    """Write one prompt's files, its report last (see the module docstring), and return the report."""
+    stem = _stem(record.index)
+    report = {"index": record.index, "prompt": record.prompt, "seed": settings.seed_of(record),
+              "fields": record.fields, "method": settings.method.name, "error": drawn.error,
+              "image": None, "cfg_image": None, "mask_image": None}
+    if drawn.error is None:
+        snapshots = drawn.report.pop("mask_snapshots") or {}
+        report.update(drawn.report)
+        report["image"] = f"{stem}.png"
+        _write_atomic(out / report["image"], _png_bytes(drawn.pixels))
+        if drawn.cfg_pixels is not None:
+            report["cfg_image"] = f"{stem}.cfg.png"
+            _write_atomic(out / report["cfg_image"], _png_bytes(drawn.cfg_pixels))
+        last = snapshots[max(snapshots)] if snapshots else None
+        if last is not None:
+            report["mask_image"] = f"{stem}.mask.png"
+            _write_atomic(out / report["mask_image"], _png_bytes(mask_overlay(drawn.pixels, np.asarray(last))))
+    _write_atomic(report_path(out, record.index), json.dumps(report).encode())
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes
+@contextlib.contextmanager
+def distributed(device: str | None) -> Iterator[tuple[int, int, str]]:
+    """(rank, world size, device) of this process; joins the torch.distributed group under torchrun."""
+    import torch
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if world_size == 1:
+        yield 0, 1, device or ("cuda" if use_cuda else "cpu")
+        return
+    import torch.distributed as dist
+
+    if use_cuda:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        yield dist.get_rank(), world_size, device or "cpu"
+    finally:
+        dist.destroy_process_group()
+
+
+def _broadcast_error(rank: int, world_size: int, error: str | None) -> str | None:
+    """Rank 0's verdict on the output folder, sent to every rank; doubles as a barrier."""
+    if world_size == 1:
+        return error
+    import torch.distributed as dist
+
+    message = [error if rank == 0 else None]
+    dist.broadcast_object_list(message, src=0)
+    return message[0]
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@dataclass
+class JobSummary:
+    total: int
+    guided: int
+    failed: int
+
+
+def run_job(records: list[PromptRecord], settings: JobSettings, out: Path,
+            load_pipeline: Callable[[str], object], device: str | None = None,
+            progress: bool = True) -> JobSummary | None:
+    """Draw every prompt not yet done into `out`; under torchrun each rank takes every world_size-th batch.
+
+    Returns the summary on rank 0 and None on the other ranks.
+    """
+    from tqdm.auto import tqdm
+
+    with distributed(device) as (rank, world_size, device):
+        # Load first: a model that cannot be loaded must fail before the output folder is touched.
+        pipe = load_pipeline(device)
+        pipe.set_progress_bar_config(disable=True)
+        error = None
+        if rank == 0:
+            try:
+                prepare_output(out, manifest(records, settings))
+            except ResumeError as exc:
+                error = str(exc)
+        error = _broadcast_error(rank, world_size, error)
+        if error is not None:
+            raise ResumeError(error)
+
+        # Batches are cut from the whole prompt list, not from a rank's share or from what is left, so
+        # every image is drawn in the same batch however many processes run and however often it resumes.
+        batches = [records[i : i + settings.batch_size] for i in range(0, len(records), settings.batch_size)]
+        mine = batches[rank::world_size]
+        todo = [b for b in mine if any(not report_path(out, r.index).exists() for r in b)]
+        done_before = sum(len(b) for b in mine) - sum(len(b) for b in todo)
+        drawn_count = guided = 0
+        with tqdm(total=sum(len(b) for b in mine), initial=done_before, unit="img", desc="generate",
+                  disable=not progress or rank != 0, file=sys.stderr) as bar:
+            for batch in todo:
+                for record, drawn in zip(batch, _draw(pipe, batch, settings)):
+                    if report_path(out, record.index).exists():
+                        continue  # finished before a kill: its files are complete and stay as they are
+                    report = _save(out, record, settings, drawn)
+                    drawn_count += 1
+                    guided += bool(report.get("guided"))
+                    bar.update()
+                    bar.set_postfix(guided=f"{guided / drawn_count:.0%}")
+        _barrier(world_size)
+        if rank != 0:
+            return None
+        reports = load_reports(out)
+        _write_atomic(out / REPORTS, "".join(json.dumps(r) + "\n" for r in reports).encode())
+        return JobSummary(total=len(reports), guided=sum(bool(r.get("guided")) for r in reports),
+                          failed=sum(r["error"] is not None for r in reports))
