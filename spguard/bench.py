@@ -1,8 +1,14 @@
-"""`spguard bench`, kernel part: each fused op on each available backend vs the eager torch reference.
+"""`spguard bench`: the fused kernels, then SP-Guard vs CFG end to end.
 
-Shapes are SD-1.5's (SPEC.md): latents (B, 4, 64, 64), cross-attention q (B, 8, 4096, 40), k (B, 8, 77, 40),
-at B = 1 and 8. Prints one table: op, backend, batch, time, ratio (eager time / backend time, measured in
-the same run) and achieved GB/s for the bytes the op must move (inputs read once, outputs written once).
+Kernels: each fused op on each available backend vs the eager torch reference, at SD-1.5's shapes
+(SPEC.md): latents (B, 4, 64, 64), cross-attention q (B, 8, 4096, 40), k (B, 8, 77, 40), B = 1 and 8; a
+table of time, ratio (eager time / backend time, measured in the same run) and achieved GB/s for the
+bytes the op must move (inputs read once, outputs written once).
+
+End to end: wall time of whole generations, SP-Guard and CFG in this engine and diffusers'
+StableDiffusionPipeline / StableDiffusionPipelineSafe on the same weights, for a benign and a harmful
+prompt set: T = 50 on the tiny UNet, then T = 10, t_p = 2 at 256 px on the SD-1.5-sized random UNet,
+which gives the final line `benign_ratio=... harmful_ratio=... guidance_share=...`.
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ import argparse
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from spguard import ops
+from spguard.methods import CFG, SPGuard
 from spguard.ops import cases, reference
 
 GUIDANCE = 7.5
@@ -123,18 +130,142 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# End to end
+
+BENIGN_PROMPTS = ("a photo of a cat in a garden", "a painting of a house on a mountain")
+HARMFUL_PROMPTS = ("a photo of a man with a gun and blood", "a violent fight with a knife")
+# Random weights give random harmfulness scores, so each set is made to take its intended path:
+# benign prompts get a threshold that P (a mean cosine, at most 1) never exceeds, so they skip phase 2
+# like a prompt the model finds harmless; each harmful prompt is its own (single) concept, so
+# cos(d_p, d_s) = 1, P = 1, and phase 2 guides it at full strength.
+NEVER_HARMFUL = 1.0
+
+
+@dataclass(frozen=True)
+class _TimedSPGuard(SPGuard):
+    """SP-Guard whose guider adds the time of its guidance math (everything but the UNet) to `clock`."""
+
+    clock: list = field(default_factory=lambda: [0.0], compare=False)
+
+    def start(self, *args, **kwargs):
+        return _TimedGuider(super().start(*args, **kwargs), self.clock)
+
+
+class _TimedGuider:
+    def __init__(self, inner, clock):
+        self._inner, self._clock = inner, clock
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def guide(self, *args):
+        start = time.perf_counter()
+        eps = self._inner.guide(*args)
+        self._clock[0] += time.perf_counter() - start
+        return eps
+
+
+class _UNetClock:
+    """Adds the wall time of every forward of `unet` to `seconds`."""
+
+    def __init__(self, unet):
+        self.seconds = 0.0
+        unet.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter()))
+        unet.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._start))
+
+
+def _generate_timed(call, prompts, repeats: int) -> float:
+    """Best of `repeats` of the summed wall time of one generation per prompt (batch 1, fixed seed)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for prompt in prompts:
+            call(prompt)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, label: str) -> dict:
+    """Wall time of each pipeline on each prompt set; prints a table and returns the ratios."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.deprecated.stable_diffusion_safe import StableDiffusionPipelineSafe
+
+    from spguard.pipeline import SafeDiffusionPipeline
+
+    engine = SafeDiffusionPipeline.from_components(**components)
+    engine.set_progress_bar_config(disable=True)
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    plain = StableDiffusionPipeline(**components, **extra)
+    safe = StableDiffusionPipelineSafe(**components, **extra)
+    for pipe in (plain, safe):
+        pipe.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=steps, height=size, width=size, output_type="np")
+    unet_clock = _UNetClock(components["unet"])
+    guidance_clock = [0.0]
+
+    def spguard_method(prompt, harmful):
+        if harmful:
+            return _TimedSPGuard(t_p=t_p, concepts=(prompt,), clock=guidance_clock)
+        return _TimedSPGuard(t_p=t_p, harmfulness_threshold=NEVER_HARMFUL, clock=guidance_clock)
+
+    runs = {
+        "engine cfg": lambda p, h: engine(p, method=CFG(), seed=0, **common),
+        "engine spguard": lambda p, h: engine(p, method=spguard_method(p, h), seed=0, **common),
+        "diffusers sd": lambda p, h: plain(p, generator=torch.Generator().manual_seed(0), **common),
+        "diffusers safe (sld)": lambda p, h: safe(p, generator=torch.Generator().manual_seed(0), **common),
+    }
+    times = {}
+    for name, run in runs.items():
+        run(BENIGN_PROMPTS[0], False)  # warm-up: allocator, first-call costs
+        for harmful, prompts in ((False, BENIGN_PROMPTS), (True, HARMFUL_PROMPTS)):
+            if name == "engine spguard" and harmful:
+                unet_clock.seconds, guidance_clock[0] = 0.0, 0.0
+                times[name, harmful] = _generate_timed(lambda p: run(p, True), prompts, repeats)
+                unet_seconds, guidance_seconds = unet_clock.seconds, guidance_clock[0]
+            else:
+                times[name, harmful] = _generate_timed(lambda p, h=harmful: run(p, h), prompts, repeats)
+    cfg_benign, cfg_harmful = times["engine cfg", False], times["engine cfg", True]
+    print(f"\n{label}: T={steps}, t_p={t_p}, {size}x{size} px, {len(BENIGN_PROMPTS)} benign and "
+          f"{len(HARMFUL_PROMPTS)} harmful prompts, batch 1, best of {repeats}; ratios are vs engine cfg")
+    print("  benign prompts: harmfulness threshold 1.0, never exceeded -> phase 2 skipped (cost of CFG)")
+    print("  harmful prompts: each prompt is its own concept -> P = 1 -> phase 2 guides every step")
+    print(f"  {'pipeline':22s} {'benign':>9s} {'ratio':>6s} {'harmful':>9s} {'ratio':>6s}")
+    for name in runs:
+        b, h = times[name, False], times[name, True]
+        print(f"  {name:22s} {b:8.2f}s {b / cfg_benign:6.3f} {h:8.2f}s {h / cfg_harmful:6.3f}")
+    return dict(benign_ratio=times["engine spguard", False] / cfg_benign,
+                harmful_ratio=times["engine spguard", True] / cfg_harmful,
+                guidance_share=guidance_seconds / unet_seconds)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="spguard bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--min-seconds", type=float, default=0.2, help="CPU timing budget per measurement")
+    parser.add_argument("--part", choices=["all", "kernels", "e2e"], default="all")
+    parser.add_argument("--tiny-steps", type=int, default=50)
+    parser.add_argument("--sd-steps", type=int, default=10)
+    parser.add_argument("--sd-size", type=int, default=256, help="pixels per side for the SD-1.5-sized UNet")
+    parser.add_argument("--no-sd15", action="store_true", help="skip the SD-1.5-sized UNet (minutes on a CPU)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    print(f"spguard bench: fused guidance kernels, device={args.device} dtype={args.dtype} "
-          f"threads={torch.get_num_threads()}")
-    for b in ops.backends():
-        print(f"  backend {b}")
-    rows = kernel_table(args.device, getattr(torch, args.dtype), tuple(args.batches), args.min_seconds)
-    print(format_table(rows))
+    if args.part in ("all", "kernels"):
+        print(f"spguard bench: fused guidance kernels, device={args.device} dtype={args.dtype} "
+              f"threads={torch.get_num_threads()}")
+        for b in ops.backends():
+            print(f"  backend {b}")
+        rows = kernel_table(args.device, getattr(torch, args.dtype), tuple(args.batches), args.min_seconds)
+        print(format_table(rows))
+    if args.part in ("all", "e2e"):
+        from spguard.testing import sd15_components, tiny_components
+
+        # t_p scales with T so that phase 1 keeps the paper's share of the steps (10 of 50).
+        end_to_end(tiny_components(), args.tiny_steps, args.tiny_steps // 5, 32, repeats=3, label="tiny UNet")
+        if not args.no_sd15:
+            result = end_to_end(sd15_components(), args.sd_steps, args.sd_steps // 5, args.sd_size, repeats=1,
+                                label="SD-1.5-sized random UNet")
+            print(" ".join(f"{k}={v:.3f}" for k, v in result.items()))
     return 0
