@@ -25,6 +25,8 @@ constexpr int64_t kChunk = 4096;
 // Pixels whose channel statistics (for psi) are held at once in phase 2: fits in L1 with all channels'
 // loads staying in cache between the statistics loop and the output loop.
 constexpr int64_t kPixelTile = 256;
+// Interleaved histogram copies in the quantile select (see select_kth).
+constexpr int kHistogramCopies = 4;
 
 void check_latents(const at::Tensor& e_u, const at::Tensor& e_p) {
   TORCH_CHECK(e_u.dim() == 4, "spguard: e_u must be (B, C, H, W), got ", e_u.sizes());
@@ -121,15 +123,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> phase1_step_cpu(const
 // nth_element over the few candidates in the bucket that holds rank k. `scratch` holds n keys.
 float select_kth(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_t>& scratch) {
   constexpr int kShift = kKeyBits - kRadixBits;
-  int64_t histogram[kRadixBins] = {0};
-  for (int64_t i = 0; i < n; ++i) ++histogram[keys[i] >> kShift];
-  int64_t bucket = 0, below = 0;
-  while (below + histogram[bucket] <= k) below += histogram[bucket++];
-  scratch.clear();
-  for (int64_t i = 0; i < n; ++i)
-    if ((keys[i] >> kShift) == static_cast<uint64_t>(bucket)) scratch.push_back(keys[i]);
+  // Keys of nearby elements often share a bucket: counting into interleaved copies of the histogram
+  // keeps consecutive increments independent instead of serialising on one counter.
+  uint32_t counts[kHistogramCopies][kRadixBins] = {{0}};
+  int64_t i = 0;
+  for (; i + kHistogramCopies <= n; i += kHistogramCopies)
+    for (int c = 0; c < kHistogramCopies; ++c) ++counts[c][keys[i + c] >> kShift];
+  for (; i < n; ++i) ++counts[0][keys[i] >> kShift];
+  uint32_t bucket = 0;
+  int64_t below = 0;
+  for (;; ++bucket) {
+    int64_t in_bucket = 0;
+    for (int c = 0; c < kHistogramCopies; ++c) in_bucket += counts[c][bucket];
+    if (below + in_bucket > k) break;
+    below += in_bucket;
+  }
+  // Branch-free compaction of the bucket's keys: always write, advance only on a match.
+  scratch.resize(static_cast<size_t>(n));
+  int64_t found = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    scratch[found] = keys[j];
+    found += (keys[j] >> kShift) == bucket;
+  }
   auto kth = scratch.begin() + (k - below);
-  std::nth_element(scratch.begin(), kth, scratch.end());
+  std::nth_element(scratch.begin(), kth, scratch.begin() + found);
   return key_value(*kth);
 }
 
@@ -139,7 +156,7 @@ float select_kth(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_
 // keys of |d_s| (4 bytes/element, cache-resident at SD-1.5 sizes); a histogram radix select on them
 // finds eta; pass 2 reads the three inputs and writes eps and M. With the attention mask, eta comes
 // from the (B, H*W) map alone, so the latents are read once.
-template <typename S>
+template <bool kAttention, typename S>
 void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, const float* eta,
                    const float* attention, S* eps, float* weight, int64_t B, int64_t C, int64_t hw,
                    float scale) {
@@ -173,7 +190,7 @@ void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, co
         bonus[i] = 1.f + std::fabs(denom > 0.f ? dot[i] / denom : 0.f);
       }
       const float strength_b = strength[b], eta_b = eta[b];
-      const float* attn = attention ? attention + b * hw + lo : nullptr;
+      const float* attn = kAttention ? attention + b * hw + lo : nullptr;
       for (int64_t c = 0; c < C; ++c) {
         const S *uc = u + base + c * hw, *pc = p + base + c * hw, *sc = s + base + c * hw;
         S* ec = eps + base + c * hw;
@@ -183,7 +200,7 @@ void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, co
           const float uf = load_f32(uc[i]);
           const float dp = load_f32(pc[i]) - uf;
           const float ds = load_f32(sc[i]) - uf;
-          const float score = attn ? attn[i] : std::fabs(ds);
+          const float score = kAttention ? attn[i] : std::fabs(ds);
           const float w = static_cast<float>(score > eta_b) * bonus[i];
           wc[i] = w;
           ec[i] = store_as<S>(uf + scale * (dp - strength_b * w * ds));  // Eq. 7, 2, 3
@@ -245,10 +262,15 @@ std::tuple<at::Tensor, at::Tensor> phase2_step_cpu(const at::Tensor& e_u, const 
       magnitude_keys(up, sp, keys.get(), u.numel());
       select_thresholds(keys.get(), eta.mutable_data_ptr<float>(), B, C * hw, q);
     }
-    phase2_kernel(up, pp, sp, strength32.const_data_ptr<float>(), eta.const_data_ptr<float>(),
-                  attention.has_value() ? attn32.const_data_ptr<float>() : nullptr,
-                  storage_ptr(eps.mutable_data_ptr<scalar_t>()), weight.mutable_data_ptr<float>(), B, C, hw,
-                  static_cast<float>(guidance_scale));
+    auto* eps_out = storage_ptr(eps.mutable_data_ptr<scalar_t>());
+    const float scale = static_cast<float>(guidance_scale);
+    if (attention.has_value())
+      phase2_kernel<true>(up, pp, sp, strength32.const_data_ptr<float>(), eta.const_data_ptr<float>(),
+                          attn32.const_data_ptr<float>(), eps_out, weight.mutable_data_ptr<float>(), B, C, hw,
+                          scale);
+    else
+      phase2_kernel<false>(up, pp, sp, strength32.const_data_ptr<float>(), eta.const_data_ptr<float>(),
+                           nullptr, eps_out, weight.mutable_data_ptr<float>(), B, C, hw, scale);
   });
   return {eps, weight};
 }
