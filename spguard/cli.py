@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import methods
 
+SIGINT_STATUS = 130  # 128 + SIGINT, as shells report a job stopped by Ctrl-C
 PACKAGED_MODEL = Path(__file__).parent / "models" / "shapes"  # the embedded default model (issue 4)
 
 
@@ -87,8 +88,12 @@ def generate(args) -> int:
     settings = jobs.JobSettings(model=model, method=_method(args), steps=args.steps,
                                 guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
                                 with_baseline=args.with_baseline, masks=args.masks or args.with_baseline)
-    summary = jobs.run_job(records, settings, args.out, lambda device: load_pipeline(model, device),
-                           device=args.device, progress=not args.no_progress)
+    try:
+        summary = jobs.run_job(records, settings, args.out, lambda device: load_pipeline(model, device),
+                               device=args.device, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("spguard: interrupted; finished prompts are kept, rerun the same command to go on", file=sys.stderr)
+        return SIGINT_STATUS
     if summary is not None:  # rank 0 speaks for the job
         print(f"wrote {summary.total} images and {jobs.REPORTS} to {args.out} ({summary.guided} guided)")
         if summary.failed:

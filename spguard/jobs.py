@@ -253,7 +253,8 @@ def load_reports(out: Path) -> list[dict]:
     """The reports of the prompts done so far in an output folder, in index order."""
     if not out.is_dir():
         raise FileNotFoundError(f"output folder not found: {out}")
-    reports = [json.loads(p.read_text()) for p in sorted(out.glob("[0-9]" * 6 + ".json"))]
+    reports = sorted((json.loads(p.read_text()) for p in out.glob("*.json") if p.stem.isdigit()),
+                     key=lambda r: r["index"])
     if not reports:
         raise FileNotFoundError(f"{out} holds no reports: run `spguard generate --out {out}` first")
     return reports
