@@ -100,7 +100,7 @@ def _read_prompt_file(path: Path) -> list[tuple[str, dict]]:
 
 
 def _txt_rows(path, text) -> Iterator[tuple[int, str, dict]]:
-    for line, prompt in enumerate(text.splitlines(), 1):
+    for line, prompt in enumerate(text.split("\n"), 1):
         if prompt.strip():  # blank lines separate nothing and are skipped
             yield line, prompt.strip(), {}
 
@@ -122,7 +122,8 @@ def _csv_rows(path, text) -> Iterator[tuple[int, str, dict]]:
 
 
 def _jsonl_rows(path, text) -> Iterator[tuple[int, str, dict]]:
-    for line, content in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028, which a JSON string may hold.
+    for line, content in enumerate(text.split("\n"), 1):
         if not content.strip():
             continue
         try:
@@ -395,14 +396,14 @@ def run_job(records: list[PromptRecord], settings: JobSettings, out: Path,
         # every image is drawn in the same batch however many processes run and however often it resumes.
         batches = [records[i : i + settings.batch_size] for i in range(0, len(records), settings.batch_size)]
         mine = batches[rank::world_size]
-        todo = [b for b in mine if any(not report_path(out, r.index).exists() for r in b)]
-        done_before = sum(len(b) for b in mine) - sum(len(b) for b in todo)
+        done = {r.index for b in mine for r in b if report_path(out, r.index).exists()}
+        todo = [b for b in mine if any(r.index not in done for r in b)]
         drawn_count = guided = 0
-        with tqdm(total=sum(len(b) for b in mine), initial=done_before, unit="img", desc="generate",
+        with tqdm(total=sum(len(b) for b in mine), initial=len(done), unit="img", desc="generate",
                   disable=not progress or rank != 0, file=sys.stderr) as bar:
             for batch in todo:
                 for record, drawn in zip(batch, _draw(pipe, batch, settings)):
-                    if report_path(out, record.index).exists():
+                    if record.index in done:
                         continue  # finished before a kill: its files are complete and stay as they are
                     report = _save(out, record, settings, drawn)
                     drawn_count += 1
