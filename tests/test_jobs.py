@@ -14,7 +14,7 @@ from PIL import Image
 
 from spguard import SPGuard
 from spguard.cli import load_pipeline, main
-from spguard.jobs import JobSettings, PromptFileError, read_prompts, run_job
+from spguard.jobs import JobSettings, read_prompts, run_job
 
 from .helpers import ours
 
