@@ -191,7 +191,8 @@ def _generate_timed(call, prompts, repeats: int) -> float:
     return best
 
 
-def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, label: str) -> dict:
+def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, label: str,
+               prompts_per_set: int = len(BENIGN_PROMPTS)) -> dict:
     """Wall time of each pipeline on each prompt set; prints a table and returns the ratios."""
     from diffusers import StableDiffusionPipeline
     from diffusers.pipelines.deprecated.stable_diffusion_safe import StableDiffusionPipelineSafe
@@ -220,10 +221,11 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
         "diffusers sd": lambda p, h: plain(p, generator=torch.Generator().manual_seed(0), **common),
         "diffusers safe (sld)": lambda p, h: safe(p, generator=torch.Generator().manual_seed(0), **common),
     }
+    benign, harmful_set = BENIGN_PROMPTS[:prompts_per_set], HARMFUL_PROMPTS[:prompts_per_set]
+    runs["engine cfg"](BENIGN_PROMPTS[0], False)  # warm-up of the shared weights, allocator, text caches
     times = {}
     for name, run in runs.items():
-        run(BENIGN_PROMPTS[0], False)  # warm-up: allocator, first-call costs
-        for harmful, prompts in ((False, BENIGN_PROMPTS), (True, HARMFUL_PROMPTS)):
+        for harmful, prompts in ((False, benign), (True, harmful_set)):
             if name == "engine spguard" and harmful:
                 unet_clock.seconds, guidance_clock[0] = 0.0, 0.0
                 times[name, harmful] = _generate_timed(lambda p: run(p, True), prompts, repeats)
@@ -231,14 +233,14 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
             else:
                 times[name, harmful] = _generate_timed(lambda p, h=harmful: run(p, h), prompts, repeats)
     cfg_benign, cfg_harmful = times["engine cfg", False], times["engine cfg", True]
-    print(f"\n{label}: T={steps}, t_p={t_p}, {size}x{size} px, {len(BENIGN_PROMPTS)} benign and "
-          f"{len(HARMFUL_PROMPTS)} harmful prompts, batch 1, best of {repeats}; ratios are vs engine cfg")
+    print(f"\n{label}: T={steps}, t_p={t_p}, {size}x{size} px, {len(benign)} benign and "
+          f"{len(harmful_set)} harmful prompts, batch 1, best of {repeats}; ratios are vs engine cfg", flush=True)
     print("  benign prompts: harmfulness threshold 1.0, never exceeded -> phase 2 skipped (cost of CFG)")
     print("  harmful prompts: each prompt is its own concept -> P = 1 -> phase 2 guides every step")
     print(f"  {'pipeline':22s} {'benign':>9s} {'ratio':>6s} {'harmful':>9s} {'ratio':>6s}")
     for name in runs:
         b, h = times[name, False], times[name, True]
-        print(f"  {name:22s} {b:8.2f}s {b / cfg_benign:6.3f} {h:8.2f}s {h / cfg_harmful:6.3f}")
+        print(f"  {name:22s} {b:8.2f}s {b / cfg_benign:6.3f} {h:8.2f}s {h / cfg_harmful:6.3f}", flush=True)
     return dict(benign_ratio=times["engine spguard", False] / cfg_benign,
                 harmful_ratio=times["engine spguard", True] / cfg_harmful,
                 guidance_share=guidance_seconds / unet_seconds)
@@ -278,7 +280,8 @@ def main(argv: list[str]) -> int:
         # t_p scales with T so that phase 1 keeps the paper's share of the steps (10 of 50).
         end_to_end(tiny_components(), args.tiny_steps, args.tiny_steps // 5, 32, repeats=3, label="tiny UNet")
         if not args.no_sd15:
+            # One prompt per set, one run each: a step of this UNet takes seconds on a CPU.
             result = end_to_end(sd15_components(), args.sd_steps, args.sd_steps // 5, args.sd_size, repeats=1,
-                                label="SD-1.5-sized random UNet")
+                                label="SD-1.5-sized random UNet", prompts_per_set=1)
             print(" ".join(f"{k}={v:.3f}" for k, v in result.items()))
     return 0

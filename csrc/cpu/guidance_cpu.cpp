@@ -34,7 +34,7 @@ void check_latents(const at::Tensor& e_u, const at::Tensor& e_p) {
   TORCH_CHECK(e_p.scalar_type() == e_u.scalar_type(), "spguard: e_u and e_p dtypes differ");
 }
 
-// S: the storage type of the inputs (float, _Float16, or bf16 bits; see convert.h).
+// S: the storage type of the inputs (float, or fp16/bf16 bits; see convert.h).
 template <typename S>
 void phase1_kernel(const S* u, const S* p, const S* s, S* eps, float* partials, int64_t B, int64_t N,
                    int64_t n, float scale) {
