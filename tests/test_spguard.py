@@ -59,7 +59,7 @@ def test_mixed_batch_rows_equal_each_row_alone(mask):
     for k, prompt in enumerate(MIXED):
         alone = run([prompt], method, seed=k)
         np.testing.assert_allclose(batch.images[k], alone.images[0], atol=TIGHT)
-        assert batch.reports[k].harmfulness == pytest.approx(alone.reports[0].harmfulness, abs=1e-6)
+        assert batch.reports[k].harmfulness == pytest.approx(alone.reports[0].harmfulness, abs=1e-5)
 
 
 class Recorder(torch.nn.Module):
