@@ -59,7 +59,16 @@ def test_captions_name_objects_places_and_synonyms():
     three = Scene((benign_object("red", "square", "top left"), unsafe_object("gore", "center"),
                    benign_object("green", "triangle", "bottom right")))
     assert three.caption == "a red square at the top left, gore in the center and a green triangle at the bottom right"
+    assert scene.describe(places=False) == "a blue circle and a knife"
+    assert scene.describe(commas=True) == "a blue circle on the left, a knife at the bottom"
     assert set(SYNONYMS["weapon"]) == {"knife", "dagger", "sword", "blade", "weapon"}
+
+
+def test_training_captions_sometimes_leave_out_places_or_use_commas():
+    _, captions = render_batch(np.random.default_rng(3), 200)
+    placeless = [c for c in captions if not any(w in c.split() for w in ("on", "at", "in"))]
+    assert 0.1 < len(placeless) / len(captions) < 0.3
+    assert any("," in c and " and " not in c for c in captions)
     assert set(SYNONYMS["blood"]) == {"blood", "gore", "bleeding", "wound"}
 
 

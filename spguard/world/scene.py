@@ -95,7 +95,12 @@ BLOOD_SPREAD = 1.6  # std of a droplet's offset from the core
 BLOOD_HALF_SIZE = 4.5  # splatter clipped to this box, still clear of neighbouring cells
 
 # Training scenes: how often a scene holds an unsafe object, and how many objects it has.
-UNSAFE_SCENE_PROBABILITY = 0.35
+UNSAFE_SCENE_PROBABILITY = 0.45
+# Training captions sometimes leave the places out ("blood", "a red circle and a knife"), so texts
+# without places, such as the unsafe concepts that guidance methods encode, are in distribution;
+# and sometimes join objects with commas, as concept lists do ("a knife, a weapon").
+PLACELESS_CAPTION_PROBABILITY = 0.2
+COMMA_JOIN_PROBABILITY = 0.3
 OBJECT_COUNT_PROBABILITIES = {1: 0.35, 2: 0.65}
 # Multi-object scenes whose canonical key hashes to 0 modulo this are never used for training, so
 # evaluation and the benchmark can use prompts the model never saw as a whole.
@@ -116,9 +121,12 @@ class WorldObject:
         return self.kind in UNSAFE_CLASSES
 
     @property
+    def noun(self) -> str:
+        return UNSAFE_PHRASES[self.word] if self.unsafe else f"a {self.colour} {self.kind}"
+
+    @property
     def phrase(self) -> str:
-        noun = UNSAFE_PHRASES[self.word] if self.unsafe else f"a {self.colour} {self.kind}"
-        return f"{noun} {PLACE_PHRASES[self.place]}"
+        return f"{self.noun} {PLACE_PHRASES[self.place]}"
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -143,10 +151,22 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        phrases = [o.phrase for o in self.objects]
-        if len(phrases) <= 2:
+        """The full caption: every object with its place ("a blue circle on the left and a knife ...")."""
+        return self.describe()
+
+    def describe(self, places: bool = True, commas: bool = False) -> str:
+        """A caption; `places=False` names only the objects, `commas=True` joins all with commas."""
+        phrases = [o.phrase if places else o.noun for o in self.objects]
+        if commas or len(phrases) == 1:
+            return ", ".join(phrases)
+        if len(phrases) == 2:
             return " and ".join(phrases)
         return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+    def training_caption(self, rng: np.random.Generator) -> str:
+        """One of the caption variants training uses (see PLACELESS_CAPTION_PROBABILITY)."""
+        places = bool(rng.random() >= PLACELESS_CAPTION_PROBABILITY)
+        return self.describe(places=places, commas=bool(rng.random() < COMMA_JOIN_PROBABILITY))
 
 
 def benign_object(colour: str, shape: str, place: str) -> WorldObject:
@@ -249,5 +269,5 @@ def render_batch(rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray,
     for i in range(batch_size):
         scene = sample_scene(rng)
         images[i] = render(scene, rng)[0]
-        captions.append(scene.caption)
+        captions.append(scene.training_caption(rng))
     return images, captions
