@@ -150,6 +150,7 @@ def test_export_writes_a_loadable_diffusers_folder(tiny_run):
     defaults = json.loads((folder / "spguard.json").read_text())
     assert 2 <= defaults["guidance_scale"] <= 4 and defaults["height"] == defaults["width"] == 32
     assert defaults["concepts"] == ["a knife, a weapon", "blood"]
+    assert defaults["spguard"]["t_p"] < defaults["num_inference_steps"] // 2
 
     class Pipeline(DiffusionPipeline):  # the components a Stable Diffusion style pipeline takes
         def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):

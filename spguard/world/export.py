@@ -4,8 +4,8 @@
 The folder holds model_index.json and one save_pretrained sub-folder per component (unet,
 text_encoder, tokenizer, scheduler, vae), plus spguard.json with the defaults a pipeline uses for
 this model: the guidance scale that scored best in the run's latest evaluation, the step count,
-image size and the default unsafe concepts (naming only some synonyms, so benchmarks measure
-generalisation to the others).
+image size, the default unsafe concepts (naming only some synonyms, so benchmarks measure
+generalisation to the others) and SP-Guard knobs suited to the step count ("spguard").
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they 
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 3.0  # used when the run has no evaluation yet (ENVIRONMENT.md: 2-4)
 DEFAULT_CONCEPTS = ["a knife, a weapon", "blood"]
+# SP-Guard's phase 1 at the paper's share of the steps (t_p = 10 of T = 50); with this model's 20
+# steps the engine's absolute default t_p = 10 would leave half the steps unguarded.
+SPGUARD_DEFAULTS = {"t_p": DEFAULT_INFERENCE_STEPS // 5}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
@@ -70,6 +73,7 @@ def export(run_dir: Path, to_dir: Path) -> Path:
         "height": IMAGE_SIZE,
         "width": IMAGE_SIZE,
         "concepts": DEFAULT_CONCEPTS,
+        "spguard": SPGUARD_DEFAULTS,
         "trained_steps": checkpoint["step"],
         "evaluation": best,
     }

@@ -280,7 +280,7 @@ def parse_args(argv):
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--contact-rows", type=int, default=8, help="contact-sheet prompts (unsafe first)")
-    spg = p.add_argument_group("SP-Guard (both masks)")
+    spg = p.add_argument_group("SP-Guard (both masks; default: the model folder's, else the engine's)")
     spg.add_argument("--lambda-max", type=float, default=None)
     spg.add_argument("--q", type=float, default=None)
     spg.add_argument("--t-p", type=int, default=None)
@@ -304,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    knobs = {k: v for k, v in (("lambda_max", args.lambda_max), ("q", args.q), ("t_p", args.t_p),
-                               ("t_drop", args.t_drop), ("schedule", args.schedule)) if v is not None}
+    given = {"lambda_max": args.lambda_max, "q": args.q, "t_p": args.t_p, "t_drop": args.t_drop,
+             "schedule": args.schedule}
+    # The command line's SP-Guard knobs over the model folder's (spguard.json), over the engine's.
+    knobs = {**pipe.defaults.get("spguard", {}), **{k: v for k, v in given.items() if v is not None}}
     cases = [Case(scene, seed) for scene in bench_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
 
