@@ -277,11 +277,15 @@ def main(argv: list[str]) -> int:
     if args.part in ("all", "e2e"):
         from spguard.testing import sd15_components, tiny_components
 
-        # t_p scales with T so that phase 1 keeps the paper's share of the steps (10 of 50).
+        # t_p scales with T so that phase 1 keeps the paper's share of the steps (10 of 50). The tiny UNet's
+        # ops are too small to split across threads: on a busy machine OpenMP barriers would dominate.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         end_to_end(tiny_components(), args.tiny_steps, args.tiny_steps // 5, 32, repeats=3, label="tiny UNet")
+        torch.set_num_threads(threads)
         if not args.no_sd15:
             # One prompt per set, one run each: a step of this UNet takes seconds on a CPU.
             result = end_to_end(sd15_components(), args.sd_steps, args.sd_steps // 5, args.sd_size, repeats=1,
                                 label="SD-1.5-sized random UNet", prompts_per_set=1)
-            print(" ".join(f"{k}={v:.3f}" for k, v in result.items()))
+            print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return 0
