@@ -22,6 +22,9 @@ namespace {
 // Elements of one sample that one task handles: big enough to amortise scheduling, small enough that
 // a single SD-1.5 latent (16384 elements) still spreads over several threads.
 constexpr int64_t kChunk = 4096;
+// Below this many elements a pass runs on the calling thread, as ATen's own elementwise ops do
+// (at::internal::GRAIN_SIZE): waking a thread team costs more than it saves, much more on a busy machine.
+constexpr int64_t kParallelElements = at::internal::GRAIN_SIZE;
 // Pixels whose channel statistics (for psi) are held at once in phase 2: fits in L1 with all channels'
 // loads staying in cache between the statistics loop and the output loop.
 constexpr int64_t kPixelTile = 256;
@@ -40,47 +43,49 @@ void phase1_kernel(const S* u, const S* p, const S* s, S* eps, float* partials, 
                    int64_t n, float scale) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t stats = 2 * N + 1;  // dot[j], |d_s[j]|^2, then |d_p|^2
-  at::parallel_for(0, B * chunks, 1, [=](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks;
-      const int64_t lo = (task % chunks) * kChunk;
-      const int64_t len = std::min(kChunk, n - lo);
-      const S* ub = u + b * n + lo;
-      const S* pb = p + b * n + lo;
-      S* eb = eps + b * n + lo;
-      float* out = partials + task * stats;
-      // Concept 0 shares the loop that writes eps, so with one concept each input is read once.
-      const S* s0 = s + b * N * n + lo;
-      float sq_p = 0.f, dot0 = 0.f, sq_s0 = 0.f;
+  at::parallel_for(0, B * chunks, std::max<int64_t>(1, kParallelElements / kChunk),
+                   [=](int64_t begin, int64_t end) {
+                     for (int64_t task = begin; task < end; ++task) {
+                       const int64_t b = task / chunks;
+                       const int64_t lo = (task % chunks) * kChunk;
+                       const int64_t len = std::min(kChunk, n - lo);
+                       const S* ub = u + b * n + lo;
+                       const S* pb = p + b * n + lo;
+                       S* eb = eps + b * n + lo;
+                       float* out = partials + task * stats;
+                       // Concept 0 shares the loop that writes eps, so with one concept each input is read
+                       // once.
+                       const S* s0 = s + b * N * n + lo;
+                       float sq_p = 0.f, dot0 = 0.f, sq_s0 = 0.f;
 #pragma omp simd reduction(+ : sq_p, dot0, sq_s0)
-      for (int64_t i = 0; i < len; ++i) {
-        const float uf = load_f32(ub[i]);
-        const float dp = load_f32(pb[i]) - uf;  // Eq. 5
-        const float ds = load_f32(s0[i]) - uf;
-        eb[i] = store_as<S>(uf + scale * dp);  // Eq. 1
-        sq_p += dp * dp;
-        dot0 += dp * ds;
-        sq_s0 += ds * ds;
-      }
-      out[0] = dot0;
-      out[N] = sq_s0;
-      out[2 * N] = sq_p;
-      for (int64_t j = 1; j < N; ++j) {
-        const S* sb = s + (b * N + j) * n + lo;
-        float dot = 0.f, sq_s = 0.f;
+                       for (int64_t i = 0; i < len; ++i) {
+                         const float uf = load_f32(ub[i]);
+                         const float dp = load_f32(pb[i]) - uf;  // Eq. 5
+                         const float ds = load_f32(s0[i]) - uf;
+                         eb[i] = store_as<S>(uf + scale * dp);  // Eq. 1
+                         sq_p += dp * dp;
+                         dot0 += dp * ds;
+                         sq_s0 += ds * ds;
+                       }
+                       out[0] = dot0;
+                       out[N] = sq_s0;
+                       out[2 * N] = sq_p;
+                       for (int64_t j = 1; j < N; ++j) {
+                         const S* sb = s + (b * N + j) * n + lo;
+                         float dot = 0.f, sq_s = 0.f;
 #pragma omp simd reduction(+ : dot, sq_s)
-        for (int64_t i = 0; i < len; ++i) {
-          const float uf = load_f32(ub[i]);
-          const float dp = load_f32(pb[i]) - uf;
-          const float ds = load_f32(sb[i]) - uf;
-          dot += dp * ds;
-          sq_s += ds * ds;
-        }
-        out[j] = dot;
-        out[N + j] = sq_s;
-      }
-    }
-  });
+                         for (int64_t i = 0; i < len; ++i) {
+                           const float uf = load_f32(ub[i]);
+                           const float dp = load_f32(pb[i]) - uf;
+                           const float ds = load_f32(sb[i]) - uf;
+                           dot += dp * ds;
+                           sq_s += ds * ds;
+                         }
+                         out[j] = dot;
+                         out[N + j] = sq_s;
+                       }
+                     }
+                   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> phase1_step_cpu(const at::Tensor& e_u,
@@ -161,7 +166,8 @@ void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, co
                    const float* attention, S* eps, float* weight, int64_t B, int64_t C, int64_t hw,
                    float scale) {
   const int64_t tiles = (hw + kPixelTile - 1) / kPixelTile;
-  at::parallel_for(0, B * tiles, 1, [=](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, kPixelTile * C));
+  at::parallel_for(0, B * tiles, grain, [=](int64_t begin, int64_t end) {
     float dot[kPixelTile], sq_p[kPixelTile], sq_s[kPixelTile], bonus[kPixelTile];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles;
@@ -212,7 +218,7 @@ void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, co
 
 template <typename S>
 void magnitude_keys(const S* u, const S* s, uint32_t* keys, int64_t total) {
-  at::parallel_for(0, total, kChunk, [=](int64_t begin, int64_t end) {
+  at::parallel_for(0, total, kParallelElements, [=](int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) keys[i] = ordered_key(std::fabs(load_f32(s[i]) - load_f32(u[i])));
   });
