@@ -35,20 +35,24 @@ def _generate_parser(sub):
                    help="also draw the CFG image of each prompt (NNNNNN.cfg.png) and the mask overlays")
     p.add_argument("--masks", action="store_true", help="write SP-Guard's mask overlays (NNNNNN.mask.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    spg = p.add_argument_group("SP-Guard")
-    spg.add_argument("--lambda-max", type=float, default=4.0)
-    spg.add_argument("--q", type=float, default=0.9)
-    spg.add_argument("--t-p", type=int, default=10)
-    spg.add_argument("--mask", choices=("noise", "attention"), default="noise")
-    spg.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    spg = p.add_argument_group("SP-Guard (defaults: the model folder's, else SPGuard's)")
+    spg.add_argument("--lambda-max", type=float, default=None, help="(4.0)")
+    spg.add_argument("--q", type=float, default=None, help="(0.9)")
+    spg.add_argument("--t-p", type=int, default=None, help="(10)")
+    spg.add_argument("--mask", choices=("noise", "attention"), default=None, help="(noise)")
+    spg.add_argument("--schedule", choices=("step", "cosine"), default=None, help="(step)")
     spg.add_argument("--concept", action="append", help="an unsafe concept (repeatable; default: the model's)")
     p.set_defaults(func=generate)
 
 
-def _method(args):
+def _method(args, model: str):
     if args.method == "spguard":
-        return methods.SPGuard(lambda_max=args.lambda_max, q=args.q, t_p=args.t_p, mask=args.mask,
-                               schedule=args.schedule, concepts=args.concept)
+        from .pipeline import read_defaults
+
+        given = {"lambda_max": args.lambda_max, "q": args.q, "t_p": args.t_p, "mask": args.mask,
+                 "schedule": args.schedule, "concepts": args.concept}
+        model_defaults = {} if model == "tiny" else read_defaults(model).get("spguard", {})
+        return methods.SPGuard(**{**model_defaults, **{k: v for k, v in given.items() if v is not None}})
     if args.method.startswith("sld-") and args.concept:
         return methods.SLD(args.method[4:], concept=", ".join(args.concept))
     return methods.resolve_method(args.method)
@@ -85,7 +89,7 @@ def generate(args) -> int:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     records = jobs.read_prompts(args.prompt, args.prompts)
     model = resolve_model(args.model)
-    settings = jobs.JobSettings(model=model, method=_method(args), steps=args.steps,
+    settings = jobs.JobSettings(model=model, method=_method(args, model), steps=args.steps,
                                 guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
                                 with_baseline=args.with_baseline, masks=args.masks or args.with_baseline)
     try:

@@ -280,8 +280,8 @@ class _SPGuardGuider:
 METHOD_NAMES = ("cfg", "negative", "sld-weak", "sld-medium", "sld-strong", "sld-max", "spguard")
 
 
-def resolve_method(method) -> CFG | NegativePrompt | SLD | SPGuard:
-    """A method object from an object or one of METHOD_NAMES."""
+def resolve_method(method, spguard_defaults: dict | None = None) -> CFG | NegativePrompt | SLD | SPGuard:
+    """A method object from an object or one of METHOD_NAMES; "spguard" takes a model's SP-Guard defaults."""
     if isinstance(method, (CFG, SLD, SPGuard)):
         return method
     if not isinstance(method, str):
@@ -294,5 +294,5 @@ def resolve_method(method) -> CFG | NegativePrompt | SLD | SPGuard:
     if name.startswith("sld-") and name[4:] in SLD.PRESETS:
         return SLD(name[4:])
     if name == "spguard":
-        return SPGuard()
+        return SPGuard(**(spguard_defaults or {}))
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")

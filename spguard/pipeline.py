@@ -27,6 +27,13 @@ DEFAULTS_FILE = "spguard.json"  # optional defaults a model folder carries (conc
 FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50, "concepts": [SLD_CONCEPT]}
 
 
+def read_defaults(path) -> dict:
+    """The defaults a model folder carries in spguard.json: guidance_scale, num_inference_steps, height,
+    width, concepts, and "spguard" (SPGuard's parameters for the "spguard" method name)."""
+    defaults_file = Path(path) / DEFAULTS_FILE
+    return json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+
+
 @dataclass
 class SafeDiffusionOutput:
     images: list[Image.Image] | np.ndarray | torch.Tensor
@@ -76,9 +83,7 @@ class SafeDiffusionPipeline:
                 raise ValueError(f"{index_file} names no {name}")
             library, class_name = index[name]
             parts[name] = getattr(importlib.import_module(library), class_name).from_pretrained(path / name)
-        defaults_file = path / DEFAULTS_FILE
-        defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else None
-        return cls(**parts, defaults=defaults).to(device, torch_dtype)
+        return cls(**parts, defaults=read_defaults(path)).to(device, torch_dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
         placement = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
@@ -146,7 +151,7 @@ class SafeDiffusionPipeline:
         report_masks: bool = False,
     ) -> SafeDiffusionOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        method = resolve_method(method)
+        method = resolve_method(method, self.defaults.get("spguard"))
         steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         scale = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         height = height or self.defaults.get("height") or self.unet.config.sample_size * self.vae_scale_factor

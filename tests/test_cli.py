@@ -1,5 +1,6 @@
 """`spguard generate` end to end on the tiny model, and its one-line errors for bad input."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 
 from spguard import SPGuard
-from spguard.cli import main
+from spguard.cli import _method, main
 
 from .helpers import ours
 
@@ -53,3 +54,10 @@ def test_empty_prompt_file(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     assert main(["generate", "--prompts", str(empty), "--model", "tiny"]) == 2
+
+
+def test_spguard_parameters_default_to_the_model_folder(tmp_path):
+    (tmp_path / "spguard.json").write_text(json.dumps({"spguard": {"t_p": 4, "q": 0.8}}))
+    args = argparse.Namespace(method="spguard", lambda_max=None, q=None, t_p=6, mask=None, schedule=None,
+                              concept=None)
+    assert _method(args, str(tmp_path)) == SPGuard(t_p=6, q=0.8)  # given flags win over the model's

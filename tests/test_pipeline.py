@@ -85,10 +85,12 @@ def test_from_pretrained_of_saved_folder_equals_components(tmp_path):
 
 def test_from_pretrained_reads_model_defaults(tmp_path):
     diffusers_pipe().save_pretrained(tmp_path)
-    (tmp_path / "spguard.json").write_text(json.dumps({"concepts": ["a knife", "blood"], "guidance_scale": 3.0}))
+    defaults = {"concepts": ["a knife", "blood"], "guidance_scale": 3.0, "spguard": {"t_p": 2}}
+    (tmp_path / "spguard.json").write_text(json.dumps(defaults))
     pipe = SafeDiffusionPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(PROMPTS, num_inference_steps=4, seed=0, output_type="latent", method=SPGuard(t_p=2))
+    out = pipe(PROMPTS, num_inference_steps=4, seed=0, output_type="latent", method="spguard")
+    assert all(r.guided_steps in ([], [2, 3]) for r in out.reports)
     assert {r.concept for r in out.reports} <= {"a knife", "blood"}
     explicit = ours()(PROMPTS, num_inference_steps=4, seed=0, output_type="latent", guidance_scale=3.0,
                       method=SPGuard(t_p=2, concepts=["a knife", "blood"]))
