@@ -240,7 +240,7 @@ class _SPGuardGuider:
         if self.rows is None:
             return eps
         a = self.active
-        strength = self.m.strength(i, self.num_steps) * self.p_plus.index_select(0, a)  # Eq. 7
+        strength = self.m.strength(i, self.num_steps) * self.active_p_plus  # Eq. 7
         eps_a, weight = ops.phase2_step(
             e_u.index_select(0, a), e_p.index_select(0, a), e_s, strength, self.guidance_scale, self.m.q, attention
         )
@@ -249,13 +249,13 @@ class _SPGuardGuider:
             if self.snapshots is None:
                 self.snapshots = weight.new_zeros(self.batch_size, len(self.snapshot_steps), *weight.shape[2:])
             self.snapshots[:, self.snapshot_steps.index(i)].index_copy_(0, a, weight.mean(1))
-        return eps.index_copy(0, a, eps_a)
+        return eps.index_copy_(0, a, eps_a)
 
     def _end_phase1(self):
         self.harmfulness, self.concept = (self.similarity / self.t_p).max(1)  # Eq. 6
-        self.p_plus = self.harmfulness.clamp(min=0)
         guided = self.harmfulness > self.m.harmfulness_threshold
         self.active = guided.nonzero().squeeze(1)  # the generation's one host synchronisation
+        self.active_p_plus = self.harmfulness.index_select(0, self.active).clamp(min=0)  # P+ of Eq. 7
         n_active = self.active.shape[0]
         self.rows = self.concepts.rows(self.active, self.concept.index_select(0, self.active)) if n_active else None
 
