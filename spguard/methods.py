@@ -55,8 +55,8 @@ def cfg(e_u: Tensor, e_p: Tensor, guidance_scale: float) -> Tensor:
     return e_u + guidance_scale * (e_p - e_u)
 
 
-def _unguided(batch_size: int, concept: str | None = None) -> list[dict]:
-    return [{"harmfulness": None, "concept": concept, "guided": False, "guided_steps": [], "mask_coverage": []}
+def _unguided(batch_size: int) -> list[dict]:
+    return [{"harmfulness": None, "concept": None, "guided": False, "guided_steps": [], "mask_coverage": []}
             for _ in range(batch_size)]
 
 
@@ -131,7 +131,7 @@ class _SLDGuider:
     def __init__(self, method: SLD, batch_size, num_steps, guidance_scale, concepts: Concepts):
         self.batch_size, self.num_steps, self.guidance_scale = batch_size, num_steps, guidance_scale
         self.warmup, self.sld_scale, self.threshold, self.momentum_scale, self.beta = SLD.PRESETS[method.preset]
-        self.concept = ", ".join(concepts.texts)
+        self.concept = concepts.texts[0]  # the pipeline joins the concepts into SLD's one string
         samples = torch.arange(batch_size, device=concepts.embeds.device)
         self.rows = concepts.rows(samples, torch.zeros_like(samples))
         self.momentum = None
