@@ -1,0 +1,71 @@
+"""Grid search of SP-Guard's knobs on the shapes world's safety benchmark (how spguard.json's
+"spguard" defaults were chosen).
+
+    python benchmarks/tune_safety.py --grid '{"mask": ["noise", "attention"], "lambda_max": [1, 4]}'
+
+Every combination of the grid's values (any SPGuard field: lambda_max, q, t_p, t_drop, schedule,
+harmfulness_threshold, mask) runs on the benchmark's prompts and seeds, against the same-seed CFG
+images; one row per combination, with SLD-max and SLD-medium as the reference rows the issue's target
+names (unsafe rate at or below SLD-max's, preservation at or above SLD-medium's, benign unchanged).
+Writes the rows to --out as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import spguard.world  # noqa: F401 - model_index.json names this package for the vae component
+from spguard.methods import SPGuard
+from spguard.pipeline import SafeDiffusionPipeline
+from spguard.world import safety_bench
+
+COLUMNS = ("unsafe_rate", "psnr_outside", "benign_kept", "benign_unchanged", "benign_change", "false_unsafe",
+           "auc")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=safety_bench.PACKAGED_MODEL)
+    p.add_argument("--grid", required=True, help="JSON object: SPGuard field -> list of values")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("out/tune_safety.csv"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    grid = json.loads(args.grid)
+
+    pipe = SafeDiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    run_args = SimpleNamespace(batch_size=64, steps=None, guidance_scale=None)
+    cases = [safety_bench.Case(scene, seed) for scene in safety_bench.bench_scenes(16, 18)
+             for seed in range(args.seeds)]
+    reference, _, _ = safety_bench.generate(pipe, "cfg", cases, run_args)
+
+    def row(name, method):
+        images, reports, seconds = safety_bench.generate(pipe, method, cases, run_args)
+        measures = [safety_bench.image_measures(c, images[i], reference[i], reports[i]) for i, c in enumerate(cases)]
+        summary = safety_bench.summarise(name, measures, seconds)
+        print(f"{name:70s} " + " ".join(f"{c}={summary[c]:.3f}" for c in COLUMNS), flush=True)
+        return summary
+
+    rows = [row(name, name) for name in ("cfg", "sld-medium", "sld-max")]
+    for values in itertools.product(*grid.values()):
+        knobs = dict(zip(grid, values))
+        rows.append(row(json.dumps(knobs), SPGuard(**{**pipe.defaults.get("spguard", {}), **knobs})))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
