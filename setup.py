@@ -13,9 +13,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-# AVX2 + FMA (x86-64-v3) covers every x86 server CPU of the last decade; without them the loops vectorise
+# AVX2 + FMA + F16C (x86-64-v3) covers every x86 server CPU of the last decade; without them the loops vectorise
 # only to SSE2. (The cross-attention kernel adds an AVX-512 build of itself, chosen at run time.)
-X86_VECTOR_FLAGS = ["-mavx2", "-mfma"]
+X86_VECTOR_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 # -fno-trapping-math lets GCC turn the kernels' selects (clamps, masks) into vector blends: they never
 # rely on floating-point exceptions.
 CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]

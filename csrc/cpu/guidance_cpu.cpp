@@ -32,6 +32,8 @@ constexpr int64_t kParallelElements = at::internal::GRAIN_SIZE;
 // Pixels whose channel statistics (for psi) are held at once in phase 2: fits in L1 with all channels'
 // loads staying in cache between the statistics loop and the output loop.
 constexpr int64_t kPixelTile = 256;
+// Elements per fp32 staging block of the fp16 phase-1 loop: its 4 buffers (one concept) fit in L1.
+constexpr int64_t kStageBlock = 512;
 // Interleaved histogram copies in the quantile select (see select_kth).
 constexpr int kHistogramCopies = 4;
 
@@ -41,55 +43,77 @@ void check_latents(const at::Tensor& e_u, const at::Tensor& e_p) {
   TORCH_CHECK(e_p.scalar_type() == e_u.scalar_type(), "spguard: e_u and e_p dtypes differ");
 }
 
-// S: the storage type of the inputs (float, or fp16/bf16 bits; see convert.h).
+// One chunk of one sample: eps = u + scale * d_p, and the chunk's dot(d_p, d_s[j]), |d_s[j]|^2 (concept j
+// at s + j * concept_stride) and |d_p|^2 into out[0..2N]. S: the storage type (float, or fp16/bf16 bits;
+// see convert.h).
+template <typename S>
+void phase1_chunk(const S* ub, const S* pb, const S* s, int64_t concept_stride, int64_t N, S* eb, int64_t len,
+                  float scale, float* out) {
+  // Concept 0 shares the loop that writes eps, so with one concept each input is read once.
+  float sq_p = 0.f, dot0 = 0.f, sq_s0 = 0.f;
+#pragma omp simd reduction(+ : sq_p, dot0, sq_s0)
+  for (int64_t i = 0; i < len; ++i) {
+    const float uf = load_f32(ub[i]);
+    const float dp = load_f32(pb[i]) - uf;  // Eq. 5
+    const float ds = load_f32(s[i]) - uf;
+    eb[i] = store_as<S>(uf + scale * dp);  // Eq. 1
+    sq_p += dp * dp;
+    dot0 += dp * ds;
+    sq_s0 += ds * ds;
+  }
+  out[0] = dot0;
+  out[N] = sq_s0;
+  out[2 * N] = sq_p;
+  for (int64_t j = 1; j < N; ++j) {
+    const S* sb = s + j * concept_stride;
+    float dot = 0.f, sq_s = 0.f;
+#pragma omp simd reduction(+ : dot, sq_s)
+    for (int64_t i = 0; i < len; ++i) {
+      const float uf = load_f32(ub[i]);
+      const float dp = load_f32(pb[i]) - uf;
+      const float ds = load_f32(sb[i]) - uf;
+      dot += dp * ds;
+      sq_s += ds * ds;
+    }
+    out[j] = dot;
+    out[N + j] = sq_s;
+  }
+}
+
 template <typename S>
 void phase1_kernel(const S* u, const S* p, const S* s, S* eps, float* partials, int64_t B, int64_t N,
                    int64_t n, float scale) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t stats = 2 * N + 1;  // dot[j], |d_s[j]|^2, then |d_p|^2
-  at::parallel_for(0, B * chunks, std::max<int64_t>(1, kParallelElements / kChunk),
-                   [=](int64_t begin, int64_t end) {
-                     for (int64_t task = begin; task < end; ++task) {
-                       const int64_t b = task / chunks;
-                       const int64_t lo = (task % chunks) * kChunk;
-                       const int64_t len = std::min(kChunk, n - lo);
-                       const S* ub = u + b * n + lo;
-                       const S* pb = p + b * n + lo;
-                       S* eb = eps + b * n + lo;
-                       float* out = partials + task * stats;
-                       // Concept 0 shares the loop that writes eps, so with one concept each input is read
-                       // once.
-                       const S* s0 = s + b * N * n + lo;
-                       float sq_p = 0.f, dot0 = 0.f, sq_s0 = 0.f;
-#pragma omp simd reduction(+ : sq_p, dot0, sq_s0)
-                       for (int64_t i = 0; i < len; ++i) {
-                         const float uf = load_f32(ub[i]);
-                         const float dp = load_f32(pb[i]) - uf;  // Eq. 5
-                         const float ds = load_f32(s0[i]) - uf;
-                         eb[i] = store_as<S>(uf + scale * dp);  // Eq. 1
-                         sq_p += dp * dp;
-                         dot0 += dp * ds;
-                         sq_s0 += ds * ds;
-                       }
-                       out[0] = dot0;
-                       out[N] = sq_s0;
-                       out[2 * N] = sq_p;
-                       for (int64_t j = 1; j < N; ++j) {
-                         const S* sb = s + (b * N + j) * n + lo;
-                         float dot = 0.f, sq_s = 0.f;
-#pragma omp simd reduction(+ : dot, sq_s)
-                         for (int64_t i = 0; i < len; ++i) {
-                           const float uf = load_f32(ub[i]);
-                           const float dp = load_f32(pb[i]) - uf;
-                           const float ds = load_f32(sb[i]) - uf;
-                           dot += dp * ds;
-                           sq_s += ds * ds;
-                         }
-                         out[j] = dot;
-                         out[N + j] = sq_s;
-                       }
-                     }
-                   });
+  at::parallel_for(0, B * chunks, std::max<int64_t>(1, kParallelElements / kChunk), [=](int64_t begin, int64_t end) {
+    // fp16 with F16C: convert L1-sized blocks of the chunk to fp32 buffers (8 values per instruction), run
+    // the fp32 loop on them and add up the blocks' sums.
+    std::unique_ptr<float[]> staged(kStaged<S> ? new float[(3 + N) * kStageBlock + stats] : nullptr);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t lo = (task % chunks) * kChunk;
+      const int64_t len = std::min(kChunk, n - lo);
+      const S *ub = u + b * n + lo, *pb = p + b * n + lo, *sb = s + b * N * n + lo;
+      S* eb = eps + b * n + lo;
+      float* out = partials + task * stats;
+      if constexpr (kStaged<S>) {
+        float *fu = staged.get(), *fp = fu + kStageBlock, *fe = fp + kStageBlock, *fs = fe + kStageBlock;
+        float* block_sums = fs + N * kStageBlock;
+        std::fill_n(out, stats, 0.f);
+        for (int64_t first = 0; first < len; first += kStageBlock) {
+          const int64_t m = std::min(kStageBlock, len - first);
+          load_run(ub + first, fu, m);
+          load_run(pb + first, fp, m);
+          for (int64_t j = 0; j < N; ++j) load_run(sb + j * n + first, fs + j * kStageBlock, m);
+          phase1_chunk(fu, fp, fs, kStageBlock, N, fe, m, scale, block_sums);
+          store_run(fe, eb + first, m);
+          for (int64_t k = 0; k < stats; ++k) out[k] += block_sums[k];
+        }
+      } else {
+        phase1_chunk(ub, pb, sb, n, N, eb, len, scale, out);
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> phase1_step_cpu(const at::Tensor& e_u,
@@ -215,6 +239,50 @@ float select_kth(const uint32_t* keys, int64_t n, int64_t k, std::vector<uint32_
   return key_value(*kth);
 }
 
+// One tile of `len` pixels of one sample: channel c of the inputs at u + c * stride (and p, s), of the
+// outputs at eps + c * stride and weight + c * weight_stride.
+template <bool kAttention, typename S>
+void phase2_tile(const S* u, const S* p, const S* s, int64_t stride, const float* attn, S* eps, float* weight,
+                 int64_t weight_stride, int64_t C, int64_t len, float strength, float eta, float scale) {
+  float dot[kPixelTile], sq_p[kPixelTile], sq_s[kPixelTile], bonus[kPixelTile];
+  std::fill_n(dot, len, 0.f);
+  std::fill_n(sq_p, len, 0.f);
+  std::fill_n(sq_s, len, 0.f);
+  for (int64_t c = 0; c < C; ++c) {
+    const S *uc = u + c * stride, *pc = p + c * stride, *sc = s + c * stride;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float uf = load_f32(uc[i]);
+      const float dp = load_f32(pc[i]) - uf;  // Eq. 5
+      const float ds = load_f32(sc[i]) - uf;
+      dot[i] += dp * ds;
+      sq_p[i] += dp * dp;
+      sq_s[i] += ds * ds;
+    }
+  }
+  // psi: per-pixel cosine over channels, 0 where a norm is 0 (Eq. 8); M = R * (1 + |psi|).
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const float denom = std::sqrt(sq_p[i] * sq_s[i]);
+    bonus[i] = 1.f + std::fabs(denom > 0.f ? dot[i] / denom : 0.f);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const S *uc = u + c * stride, *pc = p + c * stride, *sc = s + c * stride;
+    S* ec = eps + c * stride;
+    float* wc = weight + c * weight_stride;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const float uf = load_f32(uc[i]);
+      const float dp = load_f32(pc[i]) - uf;
+      const float ds = load_f32(sc[i]) - uf;
+      const float score = kAttention ? attn[i] : std::fabs(ds);
+      const float w = static_cast<float>(score > eta) * bonus[i];
+      wc[i] = w;
+      ec[i] = store_as<S>(uf + scale * (dp - strength * w * ds));  // Eq. 7, 2, 3
+    }
+  }
+}
+
 // Phase 2 makes two passes over the latents with the noise mask and one with the attention mask.
 // The threshold eta is an order statistic of all C*H*W values of |d_s|, so no element's membership is
 // known before every element has been seen: pass 1 reads e_u and e_s and writes the order-preserving
@@ -228,49 +296,27 @@ void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, co
   const int64_t tiles = (hw + kPixelTile - 1) / kPixelTile;
   const int64_t grain = std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, kPixelTile * C));
   at::parallel_for(0, B * tiles, grain, [=](int64_t begin, int64_t end) {
-    float dot[kPixelTile], sq_p[kPixelTile], sq_s[kPixelTile], bonus[kPixelTile];
+    // fp16 with F16C: each tile's channels go through fp32 buffers (kPixelTile apart), as in phase 1.
+    std::unique_ptr<float[]> staged(kStaged<S> ? new float[4 * C * kPixelTile] : nullptr);  // uninitialised
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles;
       const int64_t lo = (task % tiles) * kPixelTile;
       const int64_t len = std::min(kPixelTile, hw - lo);
       const int64_t base = b * C * hw + lo;
-      std::fill_n(dot, len, 0.f);
-      std::fill_n(sq_p, len, 0.f);
-      std::fill_n(sq_s, len, 0.f);
-      for (int64_t c = 0; c < C; ++c) {
-        const S *uc = u + base + c * hw, *pc = p + base + c * hw, *sc = s + base + c * hw;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float uf = load_f32(uc[i]);
-          const float dp = load_f32(pc[i]) - uf;  // Eq. 5
-          const float ds = load_f32(sc[i]) - uf;
-          dot[i] += dp * ds;
-          sq_p[i] += dp * dp;
-          sq_s[i] += ds * ds;
-        }
-      }
-      // psi: per-pixel cosine over channels, 0 where a norm is 0 (Eq. 8); M = R * (1 + |psi|).
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        const float denom = std::sqrt(sq_p[i] * sq_s[i]);
-        bonus[i] = 1.f + std::fabs(denom > 0.f ? dot[i] / denom : 0.f);
-      }
-      const float strength_b = strength[b], eta_b = eta[b];
       const float* attn = kAttention ? attention + b * hw + lo : nullptr;
-      for (int64_t c = 0; c < C; ++c) {
-        const S *uc = u + base + c * hw, *pc = p + base + c * hw, *sc = s + base + c * hw;
-        S* ec = eps + base + c * hw;
-        float* wc = weight + base + c * hw;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float uf = load_f32(uc[i]);
-          const float dp = load_f32(pc[i]) - uf;
-          const float ds = load_f32(sc[i]) - uf;
-          const float score = kAttention ? attn[i] : std::fabs(ds);
-          const float w = static_cast<float>(score > eta_b) * bonus[i];
-          wc[i] = w;
-          ec[i] = store_as<S>(uf + scale * (dp - strength_b * w * ds));  // Eq. 7, 2, 3
+      if constexpr (kStaged<S>) {
+        float *fu = staged.get(), *fp = fu + C * kPixelTile, *fs = fp + C * kPixelTile, *fe = fs + C * kPixelTile;
+        for (int64_t c = 0; c < C; ++c) {
+          load_run(u + base + c * hw, fu + c * kPixelTile, len);
+          load_run(p + base + c * hw, fp + c * kPixelTile, len);
+          load_run(s + base + c * hw, fs + c * kPixelTile, len);
         }
+        phase2_tile<kAttention>(fu, fp, fs, kPixelTile, attn, fe, weight + base, hw, C, len, strength[b], eta[b],
+                                scale);
+        for (int64_t c = 0; c < C; ++c) store_run(fe + c * kPixelTile, eps + base + c * hw, len);
+      } else {
+        phase2_tile<kAttention>(u + base, p + base, s + base, hw, attn, eps + base, weight + base, hw, C, len,
+                                strength[b], eta[b], scale);
       }
     }
   });
@@ -279,8 +325,19 @@ void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, co
 template <typename S>
 void magnitude_keys(const S* u, const S* s, uint32_t* keys, int64_t total) {
   at::parallel_for(0, total, kParallelElements, [=](int64_t begin, int64_t end) {
+    if constexpr (kStaged<S>) {
+      float fu[kPixelTile], fs[kPixelTile];
+      for (int64_t lo = begin; lo < end; lo += kPixelTile) {
+        const int64_t len = std::min(kPixelTile, end - lo);
+        load_run(u + lo, fu, len);
+        load_run(s + lo, fs, len);
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) keys[i] = ordered_key(std::fabs(load_f32(s[i]) - load_f32(u[i])));
+        for (int64_t i = 0; i < len; ++i) keys[lo + i] = ordered_key(std::fabs(fs[i] - fu[i]));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) keys[i] = ordered_key(std::fabs(load_f32(s[i]) - load_f32(u[i])));
+    }
   });
 }
 
