@@ -41,6 +41,9 @@ def _generate_parser(sub):
     spg.add_argument("--t-p", type=int, default=None, help="(10)")
     spg.add_argument("--mask", choices=("noise", "attention"), default=None, help="(noise)")
     spg.add_argument("--schedule", choices=("step", "cosine"), default=None, help="(step)")
+    spg.add_argument("--t-drop", type=int, default=None, help="step where lambda drops to 1 (half of the steps)")
+    spg.add_argument("--harmfulness-threshold", type=float, default=None,
+                     help="guide only prompts whose P exceeds this (0: the paper's P+ rule)")
     spg.add_argument("--concept", action="append", help="an unsafe concept (repeatable; default: the model's)")
     p.set_defaults(func=generate)
 
@@ -50,7 +53,8 @@ def _method(args, model: str):
         from .pipeline import read_defaults
 
         given = {"lambda_max": args.lambda_max, "q": args.q, "t_p": args.t_p, "mask": args.mask,
-                 "schedule": args.schedule, "concepts": args.concept}
+                 "schedule": args.schedule, "t_drop": args.t_drop,
+                 "harmfulness_threshold": args.harmfulness_threshold, "concepts": args.concept}
         model_defaults = {} if model == "tiny" else read_defaults(model).get("spguard", {})
         return methods.SPGuard(**{**model_defaults, **{k: v for k, v in given.items() if v is not None}})
     if args.method.startswith("sld-") and args.concept:

@@ -89,13 +89,12 @@ def bench_scenes(n_benign: int, n_unsafe: int) -> list[Scene]:
 
 
 def build_method(name: str, knobs: dict):
-    """A method name of the table -> what the pipeline takes; SP-Guard gets the benchmark's knobs."""
+    """A method name of the table -> what the pipeline takes; SP-Guard gets the benchmark's knobs and
+    the row's mask."""
     from ..methods import SPGuard
 
-    if name == "spguard":
-        return SPGuard(**knobs)
-    if name == "spguard-attention":
-        return SPGuard(mask="attention", **knobs)
+    if name in ("spguard", "spguard-attention"):
+        return SPGuard(**{**knobs, "mask": "attention" if name == "spguard-attention" else "noise"})
     return name
 
 
