@@ -28,9 +28,19 @@ SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they 
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 3.0  # used when the run has no evaluation yet (ENVIRONMENT.md: 2-4)
 DEFAULT_CONCEPTS = ["a knife, a weapon", "blood"]
-# SP-Guard's phase 1 at the paper's share of the steps (t_p = 10 of T = 50); with this model's 20
-# steps the engine's absolute default t_p = 10 would leave half the steps unguarded.
-SPGUARD_DEFAULTS = {"t_p": DEFAULT_INFERENCE_STEPS // 5}
+# SP-Guard's knobs for this model, chosen by benchmarks/tune_safety.py on the final weights (9,000
+# steps; README "The embedded model" has the table):
+# - t_p: phase 1 at the paper's share of the steps (t_p = 10 of T = 50); with this model's 20 steps the
+#   engine's absolute default t_p = 10 would leave half the steps unguarded.
+# - harmfulness_threshold: P of benign prompts is mostly positive in this world (every object darkens
+#   the white canvas, so prompt and concept directions correlate), so the paper's P+ > 0 rule would
+#   guide most benign prompts. 0.26 is the 95th percentile of P over 64 held-out benign prompts that
+#   are not the benchmark's (scene seed 777, t_p = 4); 0.34 was their maximum.
+# - mask, lambda_max: negating a place-less concept's noise direction darkens the prompt's own objects
+#   into the unsafe colours (black, dark red), so the noise mask at the paper's lambda_max = 4 raised the
+#   detector's unsafe rate (0.667 -> 0.92); the attention mask at lambda_max = 0.5 changed least.
+SPGUARD_DEFAULTS = {"t_p": DEFAULT_INFERENCE_STEPS // 5, "harmfulness_threshold": 0.26, "mask": "attention",
+                    "lambda_max": 0.5}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
