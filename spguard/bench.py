@@ -181,15 +181,12 @@ class _UNetClock:
         unet.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._start))
 
 
-def _generate_timed(call, prompts, repeats: int) -> float:
-    """Best of `repeats` of the summed wall time of one generation per prompt (batch 1, fixed seed)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for prompt in prompts:
-            call(prompt)
-        best = min(best, time.perf_counter() - start)
-    return best
+def _generate_timed(call, prompts) -> float:
+    """Summed wall time of one generation per prompt (batch 1, fixed seed)."""
+    start = time.perf_counter()
+    for prompt in prompts:
+        call(prompt)
+    return time.perf_counter() - start
 
 
 def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, label: str,
@@ -224,15 +221,20 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
     }
     benign, harmful_set = BENIGN_PROMPTS[:prompts_per_set], HARMFUL_PROMPTS[:prompts_per_set]
     runs["engine cfg"](BENIGN_PROMPTS[0], False)  # warm-up of the shared weights, allocator, text caches
+    # Best of `repeats`, the repeats interleaved over the pipelines, so a machine that slows down or speeds
+    # up during the benchmark shifts every pipeline's time alike instead of the ratios.
     times = {}
-    for name, run in runs.items():
-        for harmful, prompts in ((False, benign), (True, harmful_set)):
-            if name == "engine spguard" and harmful:
+    unet_seconds = guidance_seconds = 0.0
+    for _ in range(repeats):
+        for name, run in runs.items():
+            for harmful, prompts in ((False, benign), (True, harmful_set)):
+                timed = name == "engine spguard" and harmful  # the guidance share is measured on these calls
                 unet_clock.seconds, guidance_clock[0] = 0.0, 0.0
-                times[name, harmful] = _generate_timed(lambda p: run(p, True), prompts, repeats)
-                unet_seconds, guidance_seconds = unet_clock.seconds, guidance_clock[0]
-            else:
-                times[name, harmful] = _generate_timed(lambda p, h=harmful: run(p, h), prompts, repeats)
+                seconds = _generate_timed(lambda p, h=harmful: run(p, h), prompts)
+                times[name, harmful] = min(times.get((name, harmful), float("inf")), seconds)
+                if timed:
+                    unet_seconds += unet_clock.seconds
+                    guidance_seconds += guidance_clock[0]
     cfg_benign, cfg_harmful = times["engine cfg", False], times["engine cfg", True]
     print(f"\n{label}: T={steps}, t_p={t_p}, {size}x{size} px, {len(benign)} benign and "
           f"{len(harmful_set)} harmful prompts, batch 1, best of {repeats}; ratios are vs engine cfg", flush=True)
@@ -261,6 +263,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sd-steps", type=int, default=10)
     parser.add_argument("--sd-size", type=int, default=256, help="pixels per side for the SD-1.5-sized UNet")
     parser.add_argument("--no-sd15", action="store_true", help="skip the SD-1.5-sized UNet (minutes on a CPU)")
+    parser.add_argument("--sd-repeats", type=int, default=1,
+                        help="runs of each SD-1.5-sized generation, best kept (each adds ~8 min on one CPU core)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.cpu_time:
@@ -285,8 +289,9 @@ def main(argv: list[str]) -> int:
         end_to_end(tiny_components(), args.tiny_steps, args.tiny_steps // 5, 32, repeats=3, label="tiny UNet")
         torch.set_num_threads(threads)
         if not args.no_sd15:
-            # One prompt per set, one run each: a step of this UNet takes seconds on a CPU.
-            result = end_to_end(sd15_components(), args.sd_steps, args.sd_steps // 5, args.sd_size, repeats=1,
+            # One prompt per set, one run each by default: a step of this UNet takes seconds on a CPU.
+            result = end_to_end(sd15_components(), args.sd_steps, args.sd_steps // 5, args.sd_size,
+                                repeats=args.sd_repeats,
                                 label="SD-1.5-sized random UNet", prompts_per_set=1)
             print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return 0
