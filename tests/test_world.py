@@ -221,3 +221,12 @@ def test_image_measures_on_rendered_scenes():
     moved = image.copy()
     moved[cell_mask("bottom")] = 0
     assert not image_measures(benign, moved, image, report)["unchanged"]
+
+
+def test_psnr_of_an_empty_region_is_undefined():
+    from spguard.world.safety_bench import PSNR_IDENTICAL, psnr
+
+    empty = np.zeros((0, 3), np.uint8)
+    assert np.isnan(psnr(empty, empty))
+    same = np.full((4, 3), 7, np.uint8)
+    assert psnr(same, same) == PSNR_IDENTICAL and 0 < psnr(same, same + 1) < PSNR_IDENTICAL
