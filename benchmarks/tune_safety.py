@@ -46,19 +46,19 @@ def main() -> None:
     run_args = SimpleNamespace(batch_size=64, steps=None, guidance_scale=None)
     cases = [safety_bench.Case(scene, seed) for scene in safety_bench.bench_scenes(16, 18)
              for seed in range(args.seeds)]
-    reference, _, _ = safety_bench.generate(pipe, "cfg", cases, run_args)
-
-    def row(name, method):
-        images, reports, seconds = safety_bench.generate(pipe, method, cases, run_args)
-        measures = [safety_bench.image_measures(c, images[i], reference[i], reports[i]) for i, c in enumerate(cases)]
-        summary = safety_bench.summarise(name, measures, seconds)
-        print(f"{name:70s} " + " ".join(f"{c}={summary[c]:.3f}" for c in COLUMNS), flush=True)
+    def show(summary):
+        print(f"{summary['method']:70s} " + " ".join(f"{c}={summary[c]:.3f}" for c in COLUMNS), flush=True)
         return summary
 
-    rows = [row(name, name) for name in ("cfg", "sld-medium", "sld-max")]
+    reference, _, _, cfg_row = safety_bench.run_method(pipe, "cfg", "cfg", cases, None, run_args)
+
+    def row(name, method):
+        return show(safety_bench.run_method(pipe, name, method, cases, reference, run_args)[3])
+
+    rows = [show(cfg_row)] + [row(name, name) for name in ("sld-medium", "sld-max")]
     for values in itertools.product(*grid.values()):
         knobs = dict(zip(grid, values))
-        rows.append(row(json.dumps(knobs), SPGuard(**{**pipe.defaults.get("spguard", {}), **knobs})))
+        rows.append(row(json.dumps(knobs), SPGuard.with_defaults(pipe.defaults.get("spguard"), **knobs)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

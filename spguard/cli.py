@@ -52,11 +52,11 @@ def _method(args, model: str):
     if args.method == "spguard":
         from .pipeline import read_defaults
 
-        given = {"lambda_max": args.lambda_max, "q": args.q, "t_p": args.t_p, "mask": args.mask,
-                 "schedule": args.schedule, "t_drop": args.t_drop,
-                 "harmfulness_threshold": args.harmfulness_threshold, "concepts": args.concept}
-        model_defaults = {} if model == "tiny" else read_defaults(model).get("spguard", {})
-        return methods.SPGuard(**{**model_defaults, **{k: v for k, v in given.items() if v is not None}})
+        model_defaults = None if model == "tiny" else read_defaults(model).get("spguard")
+        return methods.SPGuard.with_defaults(
+            model_defaults, lambda_max=args.lambda_max, q=args.q, t_p=args.t_p, mask=args.mask,
+            schedule=args.schedule, t_drop=args.t_drop, harmfulness_threshold=args.harmfulness_threshold,
+            concepts=args.concept)
     if args.method.startswith("sld-") and args.concept:
         return methods.SLD(args.method[4:], concept=", ".join(args.concept))
     return methods.resolve_method(args.method)

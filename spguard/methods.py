@@ -194,6 +194,12 @@ class SPGuard:
             if not self.concepts:
                 raise ValueError("concepts must name at least one concept")
 
+    @classmethod
+    def with_defaults(cls, defaults: dict | None, **given) -> "SPGuard":
+        """SP-Guard from a model folder's defaults (spguard.json's "spguard"), overridden by the given
+        parameters that are not None (a command line's unset flags)."""
+        return cls(**{**(defaults or {}), **{k: v for k, v in given.items() if v is not None}})
+
     def strength(self, i: int, num_steps: int) -> float:
         """lambda(i) of Eq. 7 for a phase-2 step i (t_p <= i < num_steps); never above lambda_max."""
         late = min(LATE_STRENGTH, self.lambda_max)
@@ -294,5 +300,5 @@ def resolve_method(method, spguard_defaults: dict | None = None) -> CFG | Negati
     if name.startswith("sld-") and name[4:] in SLD.PRESETS:
         return SLD(name[4:])
     if name == "spguard":
-        return SPGuard(**(spguard_defaults or {}))
+        return SPGuard.with_defaults(spguard_defaults)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")

@@ -88,13 +88,14 @@ def bench_scenes(n_benign: int, n_unsafe: int) -> list[Scene]:
     return scenes
 
 
-def build_method(name: str, knobs: dict):
-    """A method name of the table -> what the pipeline takes; SP-Guard gets the benchmark's knobs and
-    the row's mask."""
+def build_method(name: str, defaults: dict | None, knobs: dict):
+    """A method name of the table -> what the pipeline takes; SP-Guard gets the model's defaults, the
+    benchmark's knobs over them, and the row's mask."""
     from ..methods import SPGuard
 
     if name in ("spguard", "spguard-attention"):
-        return SPGuard(**{**knobs, "mask": "attention" if name == "spguard-attention" else "noise"})
+        mask = "attention" if name == "spguard-attention" else "noise"
+        return SPGuard.with_defaults(defaults, **knobs, mask=mask)
     return name
 
 
@@ -199,6 +200,15 @@ def generate(pipe, method, cases: list[Case], args) -> tuple[np.ndarray, list[di
         images.append(np.round(np.asarray(out.images) * 255).astype(np.uint8))
         reports += [r.to_dict() for r in out.reports]
     return np.concatenate(images), reports, time.perf_counter() - started
+
+
+def run_method(pipe, name: str, method, cases: list[Case], reference: np.ndarray | None, args):
+    """Generates every case with `method` and measures it against the CFG images `reference` (None: this
+    is the CFG run): (images, reports, per-image rows, the table's summary row)."""
+    images, reports, seconds = generate(pipe, method, cases, args)
+    reference = images if reference is None else reference
+    rows = [image_measures(c, images[i], reference[i], reports[i]) for i, c in enumerate(cases)]
+    return images, reports, rows, summarise(name, rows, seconds)
 
 
 def format_table(summaries: list[dict]) -> str:
@@ -317,22 +327,21 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    given = {"lambda_max": args.lambda_max, "q": args.q, "t_p": args.t_p, "t_drop": args.t_drop,
-             "schedule": args.schedule, "harmfulness_threshold": args.harmfulness_threshold}
     # The command line's SP-Guard knobs over the model folder's (spguard.json), over the engine's.
-    knobs = {**pipe.defaults.get("spguard", {}), **{k: v for k, v in given.items() if v is not None}}
+    knobs = {"lambda_max": args.lambda_max, "q": args.q, "t_p": args.t_p, "t_drop": args.t_drop,
+             "schedule": args.schedule, "harmfulness_threshold": args.harmfulness_threshold}
     cases = [Case(scene, seed) for scene in bench_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
 
     results, summaries, per_image = {}, [], []
     for name in ["cfg"] + [m for m in args.methods if m != "cfg"]:
-        images, reports, seconds = generate(pipe, build_method(name, knobs), cases, args)
+        method = build_method(name, pipe.defaults.get("spguard"), knobs)
+        reference = results["cfg"][0] if results else None
+        images, reports, rows, summary = run_method(pipe, name, method, cases, reference, args)
         results[name] = (images, reports)
-        reference = results["cfg"][0]
-        rows = [image_measures(c, images[i], reference[i], reports[i]) for i, c in enumerate(cases)]
         per_image += [{"method": name, **r} for r in rows]
-        summaries.append(summarise(name, rows, seconds))
-        print(f"{name}: {seconds:.1f} s", flush=True)
+        summaries.append(summary)
+        print(f"{name}: {summary['seconds']:.1f} s", flush=True)
 
     print(format_table(summaries))
     write_csv(args.out / "safety_bench.csv", summaries)
