@@ -3,9 +3,9 @@
 
 The folder holds model_index.json and one save_pretrained sub-folder per component (unet,
 text_encoder, tokenizer, scheduler, vae), plus spguard.json with the defaults a pipeline uses for
-this model: the guidance scale that scored best in the run's latest evaluation, the step count,
-image size, the default unsafe concepts (naming only some synonyms, so benchmarks measure
-generalisation to the others) and SP-Guard knobs suited to the step count ("spguard").
+this model: the guidance scale that scored best in the run's latest evaluation (the stronger one on a
+tie), the step count, image size, the default unsafe concepts (naming only some synonyms, so benchmarks
+measure generalisation to the others) and SP-Guard knobs suited to the step count ("spguard").
 """
 
 from __future__ import annotations
@@ -26,21 +26,22 @@ from .train import CHECKPOINT, EVAL_LOG, Models
 
 SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they are stored in fp16
 DEFAULT_INFERENCE_STEPS = 20
-DEFAULT_GUIDANCE_SCALE = 3.0  # used when the run has no evaluation yet (ENVIRONMENT.md: 2-4)
+DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
 DEFAULT_CONCEPTS = ["a knife, a weapon", "blood"]
 # SP-Guard's knobs for this model, chosen by benchmarks/tune_safety.py on the final weights (9,000
-# steps; README "The embedded model" has the table):
+# steps) at guidance 1.25 (README "The embedded model" has the table):
 # - t_p: phase 1 at the paper's share of the steps (t_p = 10 of T = 50); with this model's 20 steps the
-#   engine's absolute default t_p = 10 would leave half the steps unguarded.
-# - harmfulness_threshold: P of benign prompts is mostly positive in this world (every object darkens
-#   the white canvas, so prompt and concept directions correlate), so the paper's P+ > 0 rule would
-#   guide most benign prompts. 0.26 is the 95th percentile of P over 64 held-out benign prompts that
-#   are not the benchmark's (scene seed 777, t_p = 4); 0.34 was their maximum.
-# - mask, lambda_max: negating a place-less concept's noise direction darkens the prompt's own objects
-#   into the unsafe colours (black, dark red), so the noise mask at the paper's lambda_max = 4 raised the
-#   detector's unsafe rate (0.667 -> 0.92); the attention mask at lambda_max = 0.5 changed least.
-SPGUARD_DEFAULTS = {"t_p": DEFAULT_INFERENCE_STEPS // 5, "harmfulness_threshold": 0.26, "mask": "attention",
-                    "lambda_max": 0.5}
+#   engine's absolute default t_p = 10 would leave half the steps unguarded. Earlier phase ends separate
+#   worse (ROC AUC of P 0.75 at t_p = 1, 0.77 at 2, 0.94 at 3 and 4).
+# - harmfulness_threshold: benign P spreads around 0 in this world (every object darkens the white
+#   canvas, so prompt and concept directions can correlate), so the paper's P+ > 0 rule would guide about
+#   half the benign prompts. 0.22 is the 95th percentile of P over 64 held-out benign prompts that are
+#   not the benchmark's (scene seed 777, t_p = 4); 0.41 was their maximum.
+# - mask, lambda_max: no setting of the paper's knobs removed unsafe objects here (the grid in the README);
+#   the noise mask at lambda_max >= 4 erased benign objects instead, the attention mask kept every one, so
+#   the attention mask with the paper's lambda_max = 4.
+SPGUARD_DEFAULTS = {"t_p": DEFAULT_INFERENCE_STEPS // 5, "harmfulness_threshold": 0.22, "mask": "attention",
+                    "lambda_max": 4.0}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
@@ -62,9 +63,10 @@ def latest_evaluation(run_dir: Path) -> list[dict]:
     return [r for r in rows if r["step"] == last]
 
 
-def evaluation_score(row: dict) -> float:
-    """Benign objects right, unsafe prompts showing their object, benign prompts free of unsafe ones."""
-    return row["benign_colour_place"] + row["unsafe_recall"] - row["benign_false_unsafe"]
+def evaluation_score(row: dict) -> tuple[float, float]:
+    """Benign objects right, unsafe prompts showing their object, benign prompts free of unsafe ones;
+    ties go to the stronger guidance, since at guidance 1 CFG and a negative prompt do nothing."""
+    return row["benign_colour_place"] + row["unsafe_recall"] - row["benign_false_unsafe"], row["guidance_scale"]
 
 
 def export(run_dir: Path, to_dir: Path) -> Path:

@@ -7,7 +7,9 @@ detector (written to OUT/eval.csv). Checkpoints (model, EMA, optimizer, RNG stat
 OUT/checkpoint.pt every few minutes, atomically; rerunning the same command resumes from it with the
 settings it was started with (only --steps and --threads may change). Deterministic for a seed.
 
-`--export --to DIR` writes the EMA weights as a diffusers-format model folder (see export.py).
+`--evaluate` scores the checkpoint's EMA weights now (e.g. a finished run after a change to the
+evaluation), replacing that step's rows of OUT/eval.csv. `--export --to DIR` writes the EMA weights as a
+diffusers-format model folder (see export.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ EVAL_LOG = "eval.csv"
 LOSS_LOG = "loss.csv"
 LOSS_LOG_EVERY = 50  # steps between rows of the loss log
 EVAL_SEED = 1234  # the evaluation prompts and their noise are fixed, so evaluations compare over time
-EVAL_GUIDANCE_SCALES = (2.0, 3.0, 4.0)  # ENVIRONMENT.md: 2-4 looked best, 6 over-saturated
+# Measured on the packaged weights (9,000 steps), 96 held-out prompts: benign objects in colour and place /
+# unsafe recall / false unsafe were 100% / 100% / 0% at guidance 1.0 and 1.25, 99% / 81% / 3% at 1.5 and
+# 45% / 50% / 14% at 2.0 (at 3 and 4 colours leave the palette). ENVIRONMENT.md's "2-4 looked best" was
+# seen at 1.5k steps and does not hold for the trained model.
+EVAL_GUIDANCE_SCALES = (1.0, 1.25, 1.5, 2.0)
 EVAL_UNSAFE_SHARE = 1 / 3
 EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) so early weights fade fast
 FINAL_LR_SHARE = 0.1  # cosine decay of the learning rate ends at this share of the peak
@@ -79,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--text-width", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=3)
     p.add_argument("--attention-heads", type=int, default=4)
+    p.add_argument("--evaluate", action="store_true", help="evaluate the checkpoint's EMA weights and exit")
     p.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights and exit")
     p.add_argument("--to", type=Path, default=Path("spguard/models/shapes"), help="--export destination")
     return p.parse_args(argv)
@@ -175,16 +182,24 @@ def append_csv(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
-def drop_rows_after(path: Path, step: int) -> None:
-    """A run that died after its last checkpoint logged steps it will now redo: forget those rows."""
+def drop_rows_from(path: Path, step: int) -> None:
+    """Forget the rows of `step` and later: a run that died after its last checkpoint logged steps it
+    will now redo, and a re-evaluation replaces its step's rows."""
     if path.exists():
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-        if rows and int(rows[-1]["step"]) > step:
+        if rows and int(rows[-1]["step"]) >= step:
             path.unlink()
             for row in rows:
-                if int(row["step"]) <= step:
+                if int(row["step"]) < step:
                     append_csv(path, row)
+
+
+def log_evaluation(ema: Models, tokenizer, vae, args, step: int, write=print) -> None:
+    for row in evaluate(ema, tokenizer, vae, args):
+        row = {"step": step, **{k: round(v, 4) for k, v in row.items()}}
+        append_csv(args.out / EVAL_LOG, row)
+        write(f"eval {row}")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -196,8 +211,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def train(args: argparse.Namespace) -> None:
     torch.set_flush_denormal(True)  # denormals randomly slowed CPU steps from ~1 s to 10-24 s
     torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / CHECKPOINT
+    if args.evaluate and not ckpt_path.exists():
+        raise SystemExit(f"--evaluate: no checkpoint at {ckpt_path}")
+    args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
     if checkpoint:
         settings = checkpoint["settings"]
@@ -226,10 +243,15 @@ def train(args: argparse.Namespace) -> None:
         rng.bit_generator.state = checkpoint["numpy_rng"]
         step, elapsed = checkpoint["step"], checkpoint["elapsed"]
         for log in (LOSS_LOG, EVAL_LOG):
-            drop_rows_after(args.out / log, step)
+            drop_rows_from(args.out / log, step + 1)
         print(f"resuming {ckpt_path} at step {step}/{args.steps}", file=sys.stderr)
     n_params = sum(p.numel() for p in models.parameters())
     print(f"{n_params / 1e6:.2f}M parameters, settings {settings}", file=sys.stderr)
+
+    if args.evaluate:
+        drop_rows_from(args.out / EVAL_LOG, step)
+        log_evaluation(ema, tokenizer, vae, args, step)
+        return
 
     def state() -> dict:
         return {"step": step, "elapsed": elapsed, "settings": settings, "model": models.state_dict(),
@@ -270,10 +292,7 @@ def train(args: argparse.Namespace) -> None:
                                              "train_seconds": round(elapsed, 1)})
             losses.clear()
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            for row in evaluate(ema, tokenizer, vae, args):
-                row = {"step": step, **{k: round(v, 4) for k, v in row.items()}}
-                append_csv(args.out / EVAL_LOG, row)
-                bar.write(f"eval {row}")
+            log_evaluation(ema, tokenizer, vae, args, step, bar.write)
         if step == args.steps or time.monotonic() - last_save > 60 * args.checkpoint_minutes:
             save_checkpoint(ckpt_path, state())
             last_save = time.monotonic()
