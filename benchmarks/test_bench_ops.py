@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from spguard import ops
-from spguard.bench import BATCHES, op_cases, time_call
+from spguard.bench import BATCHES, keep_freed_memory_in_heap, op_cases, time_call
+
+keep_freed_memory_in_heap()  # reproducible eager times (see its docstring)
 
 KERNEL_BACKENDS = [b.name for b in ops.backends() if b.available and b.name == "cpp"]
 CASES = [(batch, i) for batch in BATCHES for i in range(len(op_cases(1)))]
