@@ -37,7 +37,8 @@ def test_eager(benchmark, batch, index):
     case = _case(batch, index)
     benchmark.group = f"{case.name} B={batch}"
     benchmark(case.eager)
-    _eager_seconds[(batch, index)] = benchmark.stats.stats.median
+    if benchmark.stats:  # None under --benchmark-disable, which runs each call once as a smoke test
+        _eager_seconds[(batch, index)] = benchmark.stats.stats.median
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -47,6 +48,8 @@ def test_fused(benchmark, backend, batch, index, monkeypatch):
     case = _case(batch, index)
     benchmark.group = f"{case.name} B={batch}"
     benchmark(case.fused)
+    if not benchmark.stats:
+        return
     seconds = benchmark.stats.stats.median
     eager = _eager_seconds.get((batch, index)) or time_call(case.eager)
     benchmark.extra_info.update(ratio=eager / seconds, gbps=case.bytes_moved / seconds / 1e9)
