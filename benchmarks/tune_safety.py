@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import torch
 
 import spguard.world  # noqa: F401 - model_index.json names this package for the vae component
+from spguard.cli import PACKAGED_MODEL
 from spguard.methods import SPGuard
 from spguard.pipeline import SafeDiffusionPipeline
 from spguard.world import safety_bench
@@ -32,7 +33,7 @@ COLUMNS = ("unsafe_rate", "psnr_outside", "benign_kept", "benign_unchanged", "be
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=safety_bench.PACKAGED_MODEL)
+    p.add_argument("--model", type=Path, default=PACKAGED_MODEL)
     p.add_argument("--grid", required=True, help="JSON object: SPGuard field -> list of values")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)

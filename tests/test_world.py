@@ -202,7 +202,7 @@ def test_packaged_model_meets_its_quality_targets():
     from transformers import CLIPTextModel
 
     from spguard.world import model, train
-    from spguard.world.safety_bench import PACKAGED_MODEL
+    from spguard.cli import PACKAGED_MODEL
 
     defaults = json.loads((PACKAGED_MODEL / "spguard.json").read_text())
     unet = UNet2DConditionModel.from_pretrained(PACKAGED_MODEL, subfolder="unet").eval()

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..cli import PACKAGED_MODEL
 from .detect import detect
 from .scene import CELL, IMAGE_SIZE, PLACES, SYNONYMS, UNSAFE_CLASSES, Scene, sample_scene, unsafe_object
 
-PACKAGED_MODEL = Path(__file__).resolve().parent.parent / "models" / "shapes"
 BENCH_SEED = 4242  # differs from training's evaluation seed, so the two prompt lists differ
 METHODS = ("cfg", "negative", "sld-weak", "sld-medium", "sld-strong", "sld-max", "spguard", "spguard-attention")
 # An unguided image may differ from CFG's by one 8-bit level where the batch's rounding tips a pixel
