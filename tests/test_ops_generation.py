@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spguard import SPGuard
-from spguard.ops.checks import backend_params
+from spguard import SafeDiffusionPipeline, SPGuard
+from spguard.ops.checks import backend_device, backend_params
+from spguard.testing import tiny_components
 
 from .helpers import ours
 
@@ -16,17 +17,26 @@ STEPS, T_P = 6, 2
 TOLERANCE = 1e-4
 
 
-def generate(monkeypatch, backend, mask):
+def pipeline(device):
+    if device.type == "cpu":
+        return ours()
+    pipe = SafeDiffusionPipeline.from_components(**tiny_components()).to(device)  # not the tests' shared modules
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(monkeypatch, backend, mask, device):
     monkeypatch.setenv("SPGUARD_BACKEND", backend)
     # The prompt is its own concept: cos(d_p, d_s) = 1, so phase 2 guides every step and the kernels run.
     method = SPGuard(t_p=T_P, mask=mask, concepts=(PROMPT, "blood"))
-    out = ours()(PROMPT, num_inference_steps=STEPS, seed=0, output_type="np", method=method)
+    out = pipeline(device)(PROMPT, num_inference_steps=STEPS, seed=0, output_type="np", method=method)
     assert out.reports[0].guided
     return out.images
 
 
-@pytest.mark.parametrize("backend", backend_params("cpp", "triton"))
+@pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
 @pytest.mark.parametrize("mask", ["noise", "attention"])
 def test_generation_matches_torch_backend(backend, mask, monkeypatch):
-    expected = generate(monkeypatch, "torch", mask)
-    np.testing.assert_allclose(generate(monkeypatch, backend, mask), expected, atol=TOLERANCE)
+    device = backend_device(backend)
+    expected = generate(monkeypatch, "torch", mask, device)
+    np.testing.assert_allclose(generate(monkeypatch, backend, mask, device), expected, atol=TOLERANCE)

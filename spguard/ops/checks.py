@@ -16,10 +16,25 @@ def backend_params(*names):
             for n in names]
 
 
-def select_backend(monkeypatch, name: str, device="cpu", dtype: torch.dtype = torch.float32) -> None:
-    """Point SPGUARD_BACKEND at `name` for one test, and check that the dispatcher really takes it."""
+def backend_device(name: str) -> torch.device:
+    """Where a backend's tests run: the CUDA kernels on the GPU, Triton on the GPU where there is one
+    (else on the CPU, under TRITON_INTERPRET=1), the C++ kernels and torch on the CPU."""
+    on_gpu = name == "cuda" or (name == "triton" and torch.cuda.is_available())
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+def interpreted(name: str) -> bool:
+    """Triton without a GPU runs in its interpreter, about 100x slower than torch: small shapes only."""
+    return name == "triton" and not torch.cuda.is_available()
+
+
+def select_backend(monkeypatch, name: str, dtype: torch.dtype = torch.float32) -> torch.device:
+    """Point SPGUARD_BACKEND at `name` for one test, check that the dispatcher really takes it for
+    inputs on the backend's device, and return that device."""
+    device = backend_device(name)
     monkeypatch.setenv("SPGUARD_BACKEND", name)
-    assert resolve_backend(torch.device(device), dtype) == name
+    assert resolve_backend(device, dtype) == name
+    return device
 
 
 def assert_within_rule(out, ref_same_dtype, ref_fp32, floor: float) -> None:
