@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -114,8 +115,10 @@ def keep_freed_memory_in_heap() -> None:
     depending on the process's allocation history, either reused or mapped and page-faulted afresh on
     every call: that reference took 7-9 ms in some processes and 15.5-16.5 ms in others on the same
     machine. Keeping them in the heap gives eager its faster time, so ratios are reproducible and
-    conservative. Does nothing where the C library has no mallopt (not glibc).
+    conservative. Does nothing off Linux, or where the C library has no mallopt (not glibc).
     """
+    if not sys.platform.startswith("linux"):
+        return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCK_LIMIT)
