@@ -198,19 +198,15 @@ def test_packaged_model_meets_its_quality_targets():
     """The issue's targets, judged by the detector on held-out prompts at the model's default guidance:
     >= 70% of benign objects in colour and place, >= 80% of unsafe prompts showing their unsafe class,
     <= 5% of benign prompts showing an unsafe object."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from spguard.world import model, train
+    from spguard import SafeDiffusionPipeline
     from spguard.cli import PACKAGED_MODEL
+    from spguard.world import model, train
 
-    defaults = json.loads((PACKAGED_MODEL / "spguard.json").read_text())
-    unet = UNet2DConditionModel.from_pretrained(PACKAGED_MODEL, subfolder="unet").eval()
-    text_encoder = CLIPTextModel.from_pretrained(PACKAGED_MODEL, subfolder="text_encoder").eval()
+    pipe = SafeDiffusionPipeline.from_pretrained(PACKAGED_MODEL)
     prompts = train.eval_prompts(24)
-    images = model.sample(unet, text_encoder, world_tokenizer(), model.build_autoencoder(),
+    images = model.sample(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae,
                           [scene.caption for scene, _ in prompts], [seed for _, seed in prompts],
-                          defaults["guidance_scale"], defaults["num_inference_steps"])
+                          pipe.defaults["guidance_scale"], pipe.defaults["num_inference_steps"])
     quality = train.score([scene for scene, _ in prompts], images)
     assert quality["benign_colour_place"] >= 0.7, quality
     assert quality["unsafe_recall"] >= 0.8, quality

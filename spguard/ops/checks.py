@@ -25,7 +25,7 @@ def backend_device(name: str) -> torch.device:
 
 def interpreted(name: str) -> bool:
     """Triton without a GPU runs in its interpreter, about 100x slower than torch: small shapes only."""
-    return name == "triton" and not torch.cuda.is_available()
+    return name == "triton" and backend_device(name).type == "cpu"
 
 
 def select_backend(monkeypatch, name: str, dtype: torch.dtype = torch.float32) -> torch.device:
