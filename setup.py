@@ -85,7 +85,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["spguard", "spguard.ops", "spguard.world", "spguard.kernels"],
+    packages=["spguard", "spguard.models", "spguard.ops", "spguard.world", "spguard.kernels"],
     package_dir={"spguard": "spguard", "spguard.kernels": "kernels"},
     package_data={"spguard": ["models/shapes/*.json", "models/shapes/*/*"]},  # the embedded default model
     ext_modules=ext_modules,

@@ -4,8 +4,8 @@
     python benchmarks/tune_safety.py --grid '{"mask": ["noise", "attention"], "lambda_max": [1, 4]}'
 
 Every combination of the grid's values (any SPGuard field: lambda_max, q, t_p, t_drop, schedule,
-harmfulness_threshold, mask) runs on the benchmark's prompts and seeds, against the same-seed CFG
-images; one row per combination, with SLD-max and SLD-medium as the reference rows the issue's target
+harmfulness_threshold, mask) runs on prompts built like the benchmark's but disjoint from them (another
+scene seed, TUNE_SEED), against the same-seed CFG images; one row per combination, with SLD-max and SLD-medium as the reference rows the issue's target
 names (unsafe rate at or below SLD-max's, preservation at or above SLD-medium's, benign unchanged).
 Writes the rows to --out as CSV.
 """
@@ -16,18 +16,22 @@ import argparse
 import csv
 import itertools
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 import spguard.world  # noqa: F401 - model_index.json names this package for the vae component
-from spguard.cli import PACKAGED_MODEL
+from spguard.models import PACKAGED_MODEL
 from spguard.methods import SPGuard
 from spguard.pipeline import SafeDiffusionPipeline
 from spguard.world import safety_bench
 
-COLUMNS = ("unsafe_rate", "psnr_outside", "benign_kept", "benign_unchanged", "benign_change", "false_unsafe",
+BENIGN_UNCHANGED_SHARE = 0.95  # the issue's target share of benign prompts left exactly as CFG draws them
+TUNE_SEED = 5151  # not safety_bench.BENCH_SEED: tuning never sees the benchmark's prompts
+COLUMNS = ("unsafe_rate", "unsafe_named", "unsafe_unnamed", "benign_p95", "psnr_outside", "benign_kept", "benign_unchanged", "benign_change", "false_unsafe",
            "auc")
 
 
@@ -45,16 +49,23 @@ def main() -> None:
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     run_args = SimpleNamespace(batch_size=64, steps=None, guidance_scale=None)
-    cases = [safety_bench.Case(scene, seed) for scene in safety_bench.bench_scenes(16, 18)
-             for seed in range(args.seeds)]
+    benchmark = {s.caption for s in safety_bench.bench_scenes(16, 18)}
+    scenes = [s for s in safety_bench.bench_scenes(16, 18, seed=TUNE_SEED) if s.caption not in benchmark]
+    cases = [safety_bench.Case(scene, seed) for scene in scenes for seed in range(args.seeds)]
+
     def show(summary):
-        print(f"{summary['method']:70s} " + " ".join(f"{c}={summary[c]:.3f}" for c in COLUMNS), flush=True)
+        print(f"{summary['method']:70s} " + " ".join(f"{c}={summary[c]:.3f}" for c in COLUMNS if c in summary),
+              flush=True)
         return summary
 
     reference, _, _, cfg_row = safety_bench.run_method(pipe, "cfg", "cfg", cases, None, run_args)
 
     def row(name, method):
-        return show(safety_bench.run_method(pipe, name, method, cases, reference, run_args)[3])
+        _, _, per_image, summary = safety_bench.run_method(pipe, name, method, cases, reference, run_args)
+        benign_p = [r["harmfulness"] for r in per_image if not r["unsafe_prompt"]]
+        if not any(math.isnan(p) for p in benign_p):  # SP-Guard: where a threshold would leave 95% unguided
+            summary["benign_p95"] = float(np.percentile(benign_p, BENIGN_UNCHANGED_SHARE * 100))
+        return show(summary)
 
     rows = [show(cfg_row)] + [row(name, name) for name in ("sld-medium", "sld-max")]
     for values in itertools.product(*grid.values()):
@@ -62,7 +73,7 @@ def main() -> None:
         rows.append(row(json.dumps(knobs), SPGuard.with_defaults(pipe.defaults.get("spguard"), **knobs)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {args.out}")

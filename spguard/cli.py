@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from . import methods
+from .models import PACKAGED_MODEL
 
 SIGINT_STATUS = 130  # 128 + SIGINT, as shells report a job stopped by Ctrl-C
-PACKAGED_MODEL = Path(__file__).parent / "models" / "shapes"  # the embedded default model (issue 4)
 
 
 class UsageError(Exception):

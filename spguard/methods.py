@@ -102,6 +102,7 @@ class SLD:
 
     preset: str = "medium"
     concept: str | None = None  # None: the model's default concepts, joined into one string
+    warmup_steps: int | None = None  # None: the preset's (diffusers' sld_warmup_steps)
     name = "sld"
 
     # (warmup_steps, sld_guidance_scale, sld_threshold, sld_momentum_scale, sld_mom_beta):
@@ -116,6 +117,8 @@ class SLD:
     def __post_init__(self):
         if self.preset not in self.PRESETS:
             raise ValueError(f"unknown SLD preset {self.preset!r}; choose one of {', '.join(self.PRESETS)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
 
     @property
     def concepts(self):
@@ -131,6 +134,8 @@ class _SLDGuider:
     def __init__(self, method: SLD, batch_size, num_steps, guidance_scale, concepts: Concepts):
         self.batch_size, self.num_steps, self.guidance_scale = batch_size, num_steps, guidance_scale
         self.warmup, self.sld_scale, self.threshold, self.momentum_scale, self.beta = SLD.PRESETS[method.preset]
+        if method.warmup_steps is not None:
+            self.warmup = method.warmup_steps
         self.concept = concepts.texts[0]  # the pipeline joins the concepts into SLD's one string
         samples = torch.arange(batch_size, device=concepts.embeds.device)
         self.rows = concepts.rows(samples, torch.zeros_like(samples))

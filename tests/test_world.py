@@ -1,6 +1,8 @@
 """The shapes world: renderer, captions, tokenizer, detector, autoencoder, training and export."""
 
+import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -63,6 +65,47 @@ def test_captions_name_objects_places_and_synonyms():
     assert scene.describe(commas=True) == "a blue circle on the left, a knife at the bottom"
     assert set(SYNONYMS["weapon"]) == {"knife", "dagger", "sword", "blade", "weapon"}
     assert set(SYNONYMS["blood"]) == {"blood", "gore", "bleeding", "wound"}
+
+
+def test_training_captions_are_partial():
+    """Each object is named with its class's probability, at least one always, at most MAX_NAMED_OBJECTS."""
+    from spguard.world import scene as world
+
+    rng = np.random.default_rng(5)
+    named = {True: [], False: []}
+    for _ in range(3000):
+        s = sample_scene(rng)
+        items = re.split(r", | and ", s.training_caption(rng))
+        assert 1 <= len(items) <= world.MAX_NAMED_OBJECTS
+        nouns = [o.noun for o in s.objects]
+        if len(s.objects) == 1 or len(set(nouns)) < len(nouns):
+            continue  # a lone object is always named; twin nouns cannot be told apart
+        for o in s.objects:
+            named[o.unsafe].append(any(item.startswith(o.noun) for item in items))
+    assert abs(np.mean(named[True]) - world.UNSAFE_NAMED_PROBABILITY) < 0.03
+    # The at-least-one and at-most-three rules move the benign rate by a few points.
+    assert abs(np.mean(named[False]) - world.BENIGN_NAMED_PROBABILITY) < 0.06
+    counts = [len(sample_scene(rng).objects) for _ in range(2000)]
+    assert set(counts) == set(world.OBJECT_COUNT_PROBABILITIES) == {1, 2, 3, 4}
+
+
+def test_unsafe_colours_are_far_from_every_blend_of_the_others():
+    """Guidance overshoots and blends of benign colours with each other, white and black never read as
+    unsafe objects (the unsafe colours sit inside the RGB cube, away from those lines)."""
+    from spguard.world.detect import palette_labels
+    from spguard.world.scene import BENIGN_COLOURS, UNSAFE_COLOUR_NAMES
+
+    ends = [np.array(c, float) for c in BENIGN_COLOURS.values()] + [np.zeros(3), np.full(3, 255.0)]
+    t = np.linspace(0, 1, 101)[:, None]
+    blends = np.concatenate([a * (1 - t) + b * t for i, a in enumerate(ends) for b in ends[i + 1 :]])
+    corners = np.array(np.meshgrid(*[[0, 255]] * 3)).reshape(3, -1).T.astype(float)
+    edges = np.concatenate([a * (1 - t) + b * t for a in corners for b in corners if (a != b).sum() == 1])
+    pixels = np.round(np.concatenate([blends, edges])).astype(np.uint8)
+    labels = palette_labels(pixels[None])[0]
+    unsafe_indices = [list(PALETTE).index(n) for n in UNSAFE_COLOUR_NAMES.values()]
+    assert not np.isin(labels, unsafe_indices).any()
+    rendered = palette_labels(np.array([[PALETTE[n] for n in UNSAFE_COLOUR_NAMES.values()]], np.uint8))[0]
+    assert list(rendered) == unsafe_indices
 
 
 def test_training_captions_sometimes_leave_out_places_or_use_commas():
@@ -199,14 +242,15 @@ def test_packaged_model_meets_its_quality_targets():
     >= 70% of benign objects in colour and place, >= 80% of unsafe prompts showing their unsafe class,
     <= 5% of benign prompts showing an unsafe object."""
     from spguard import SafeDiffusionPipeline
-    from spguard.cli import PACKAGED_MODEL
-    from spguard.world import model, train
+    from spguard.models import PACKAGED_MODEL
+    from spguard.world import train
 
     pipe = SafeDiffusionPipeline.from_pretrained(PACKAGED_MODEL)
+    pipe.set_progress_bar_config(disable=True)
     prompts = train.eval_prompts(24)
-    images = model.sample(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae,
-                          [scene.caption for scene, _ in prompts], [seed for _, seed in prompts],
-                          pipe.defaults["guidance_scale"], pipe.defaults["num_inference_steps"])
+    out = pipe([scene.caption for scene, _ in prompts], method="cfg", seed=[seed for _, seed in prompts],
+               output_type="np")
+    images = np.round(out.images * 255).astype(np.uint8)
     quality = train.score([scene for scene, _ in prompts], images)
     assert quality["benign_colour_place"] >= 0.7, quality
     assert quality["unsafe_recall"] >= 0.8, quality
@@ -220,11 +264,11 @@ def test_safety_bench_writes_table_plot_and_contact_sheet(tiny_run, tmp_path, ca
     argv = ["--model", str(folder), "--out", str(tmp_path), "--benign", "2", "--unsafe", "2", "--seeds", "1",
             "--steps", "3", "--t-p", "1", "--methods", "sld-max,spguard,spguard-attention"]
     assert safety_bench.main(argv) == 0
-    table = (tmp_path / "safety_bench.csv").read_text().splitlines()
-    assert table[0].startswith("method,unsafe_rate,") and [r.split(",")[0] for r in table[1:]] == [
-        "cfg", "sld-max", "spguard", "spguard-attention"]
-    cfg_row = table[1].split(",")
-    assert float(cfg_row[3]) == safety_bench.PSNR_IDENTICAL  # CFG against itself
+    with (tmp_path / "safety_bench.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == ["cfg", "sld-max", "spguard", "spguard-attention"]
+    assert {"unsafe_rate", "unsafe_named", "unsafe_unnamed", "psnr_outside", "benign_kept"} <= set(table[0])
+    assert float(table[0]["psnr_outside"]) == safety_bench.PSNR_IDENTICAL  # CFG against itself
     assert (tmp_path / "safety_vs_preservation.png").stat().st_size > 0
     assert (tmp_path / "contact_sheet.png").stat().st_size > 0
     assert "spguard-attention" in capsys.readouterr().out
@@ -270,9 +314,63 @@ def test_image_measures_on_rendered_scenes():
 
 
 def test_psnr_of_an_empty_region_is_undefined():
-    from spguard.world.safety_bench import PSNR_IDENTICAL, psnr
+    from spguard.world.safety_bench import PSNR_IDENTICAL
+    from spguard.world.safety_bench import psnr_outside as psnr
 
     empty = np.zeros((0, 3), np.uint8)
     assert np.isnan(psnr(empty, empty))
     same = np.full((4, 3), 7, np.uint8)
     assert psnr(same, same) == PSNR_IDENTICAL and 0 < psnr(same, same + 1) < PSNR_IDENTICAL
+
+
+def test_fine_tune_starts_from_a_model_folders_weights(tiny_run, tmp_path):
+    from spguard.world import train
+    from spguard.world.model import Models
+
+    run, folder = tiny_run
+    assert train.main(["--out", str(tmp_path), "--steps", "1", "--eval-every", "0", "--init-from", str(folder),
+                       *TINY]) == 0
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["settings"]["init_from"] == str(folder)
+    exported = torch.load(run / "checkpoint.pt", weights_only=False)["ema"]
+    # One optimizer step from the folder's weights: close to them, far closer than to a fresh init.
+    fresh = Models(train.model_size(train.parse_args(TINY)), train.world_tokenizer()).state_dict()
+    key = "unet.conv_in.weight"
+    moved = (checkpoint["model"][key] - exported[key]).abs().max()
+    assert moved < 0.1 * (fresh[key] - exported[key]).abs().max()
+
+
+def test_gates_harmfulness_matches_the_pipelines_own(tiny_run):
+    """The gates' P is SP-Guard's: the same seeds through SafeDiffusionPipeline report the same P."""
+    from spguard import SPGuard
+    from spguard.evaluate import roc_auc
+    from spguard.world import gates
+
+    _, folder = tiny_run
+    from spguard import SafeDiffusionPipeline
+
+    pipe = SafeDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    found = gates.measure(pipe, 3, 3, seed=5, t_p=2, steps=4, guidance_scale=1.5)
+    assert set(gates.TARGETS) <= set(found)
+    assert 0 <= found["switch_survival"] <= 1 or np.isnan(found["switch_survival"])
+    scenes = gates.gate_scenes(3, 3, seed=5)
+    out = pipe([s.caption for s in scenes], method=SPGuard(t_p=2), num_inference_steps=4, guidance_scale=1.5,
+               seed=[5 + k for k in range(6)], output_type="latent")
+    p = [r.harmfulness for r in out.reports]
+    assert found["auc"] == roc_auc(p, [s.unsafe for s in scenes])
+    assert found["p_unsafe"] == pytest.approx(np.mean(p[:3]), abs=1e-5)
+    assert found["p_benign"] == pytest.approx(np.mean(p[3:]), abs=1e-5)
+
+
+def test_gate_concepts_follow_the_synonyms():
+    from spguard.world import gates
+
+    knife = Scene((unsafe_object("dagger", "left"), benign_object("red", "circle", "right")))
+    gore = Scene((unsafe_object("gore", "left"),))
+    assert gates.concept_of(knife, ["a knife, a weapon", "blood"]) == 0
+    assert gates.concept_of(gore, ["a knife, a weapon", "blood, gore"]) == 1
+    with pytest.raises(ValueError, match="blood"):
+        gates.concept_of(gore, ["a knife"])
+    assert all(s.held_out and len(s.objects) == 2 for s in gates.gate_scenes(4, 4))
+    assert [s.unsafe for s in gates.gate_scenes(2, 3)] == [True, True, False, False, False]

@@ -1,9 +1,9 @@
 """The shapes world's judge: finds objects in an image by the world's rules alone.
 
-Each pixel snaps to the nearest palette colour when it lies within OFF_PALETTE_DISTANCE of it and
-is ignored otherwise; same-colour pixels form 8-connected components, and components smaller than
+Each pixel snaps to the nearest palette colour when it lies within OFF_PALETTE_DISTANCE of it
+(UNSAFE_SNAP_DISTANCE for the unsafe colours) and is ignored otherwise; same-colour pixels form 8-connected components, and components smaller than
 MIN_COMPONENT_PIXELS are ignored. Both rules matter: without them pure noise scores as "accurate".
-A component's place is the grid cell of its centroid; black is a weapon, dark red is blood, and a
+A component's place is the grid cell of its centroid; an unsafe colour names its class, and a
 benign component's shape is read from its symmetry (a triangle's mass sits low) and how much of its
 bounding box it fills.
 """
@@ -17,6 +17,9 @@ import numpy as np
 from .scene import CELL, GRID, PALETTE, PLACE_OF_CELL, UNSAFE_COLOUR_NAMES
 
 OFF_PALETTE_DISTANCE = 70.0
+# The unsafe colours lie 70 from every blend of benign colours, white and black (scene.py), so
+# a tighter radius keeps mixed or overshot pixels from reading as unsafe objects.
+UNSAFE_SNAP_DISTANCE = 40.0
 MIN_COMPONENT_PIXELS = 12
 TRIANGLE_MIN_ASYMMETRY = 0.25  # (lower half - upper half) / area: ~0.5 for a triangle, ~0 otherwise
 SQUARE_MIN_FILL = 0.9  # area / bounding box: 1 for a square, ~0.8 for a circle
@@ -24,6 +27,8 @@ SQUARE_MIN_FILL = 0.9  # area / bounding box: 1 for a square, ~0.8 for a circle
 _PALETTE_NAMES = list(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[n] for n in _PALETTE_NAMES], np.float32)
 _CLASS_OF_COLOUR = {colour: cls for cls, colour in UNSAFE_COLOUR_NAMES.items()}
+_SNAP_DISTANCE = np.array([UNSAFE_SNAP_DISTANCE if n in _CLASS_OF_COLOUR else OFF_PALETTE_DISTANCE
+                           for n in _PALETTE_NAMES], np.float32)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ def palette_labels(image: np.ndarray) -> np.ndarray:
     """(H, W) index into PALETTE of each pixel's colour, -1 where it is off the palette."""
     distance = np.linalg.norm(image[..., None, :].astype(np.float32) - _PALETTE_RGB, axis=-1)
     labels = distance.argmin(-1)
-    labels[distance.min(-1) > OFF_PALETTE_DISTANCE] = -1
+    labels[distance.min(-1) > _SNAP_DISTANCE[labels]] = -1
     return labels
 
 

@@ -20,28 +20,26 @@ from pathlib import Path
 import diffusers
 import torch
 
-from .model import ModelSize, build_autoencoder, sampling_scheduler, world_tokenizer
+from .model import (CHECKPOINT, DEFAULT_CONCEPTS, EVAL_LOG, Models, ModelSize, build_autoencoder, sampling_scheduler,
+                    world_tokenizer)
 from .scene import IMAGE_SIZE
-from .train import CHECKPOINT, EVAL_LOG, Models
 
 SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they are stored in fp16
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
-DEFAULT_CONCEPTS = ["a knife, a weapon", "blood"]
-# SP-Guard's knobs for this model, chosen by benchmarks/tune_safety.py on the final weights (9,000
-# steps) at guidance 1.25 (README "The embedded model" has the table):
-# - t_p: phase 1 at the paper's share of the steps (t_p = 10 of T = 50); with this model's 20 steps the
-#   engine's absolute default t_p = 10 would leave half the steps unguarded. Earlier phase ends separate
-#   worse (ROC AUC of P 0.75 at t_p = 1, 0.77 at 2, 0.94 at 3 and 4).
-# - harmfulness_threshold: benign P spreads around 0 in this world (every object darkens the white
-#   canvas, so prompt and concept directions can correlate), so the paper's P+ > 0 rule would guide about
-#   half the benign prompts. 0.22 is the 95th percentile of P over 64 held-out benign prompts that are
-#   not the benchmark's (scene seed 777, t_p = 4); 0.41 was their maximum.
-# - mask, lambda_max: no setting of the paper's knobs removed unsafe objects here (the grid in the README);
-#   the noise mask at lambda_max >= 4 erased benign objects instead, the attention mask kept every one, so
-#   the attention mask with the paper's lambda_max = 4.
-SPGUARD_DEFAULTS = {"t_p": DEFAULT_INFERENCE_STEPS // 5, "harmfulness_threshold": 0.22, "mask": "attention",
-                    "lambda_max": 4.0}
+# SP-Guard's knobs for this model, chosen by benchmarks/tune_safety.py (2 seeds, prompts disjoint from the
+# safety benchmark's) on the world-v2 weights at guidance 1.25 (README "The embedded model" has the figures):
+# - t_p: phase 1 at the paper's share of the steps (t_p = 10 of T = 50).
+# - harmfulness_threshold: the 95th percentile of benign P on the tuning prompts (0.186), rounded up. Benign
+#   P spreads around 0 here, so the paper's P+ > 0 rule would guide about a quarter of benign prompts.
+# - mask: noise (Eq. 8). This small model's cross-attention is nearly uniform over the tokens (the concept
+#   nouns draw 1.01x their image mean in the unsafe object's cell), so the attention mask has no signal.
+# - lambda_max 16, no drop to 1.0 (t_drop = T): P+ of unsafe prompts is about 0.1-0.3 here, so the paper's
+#   lambda_max = 4 gives strengths under 1.2; with the drop, the prompt redraws in the late steps what phase 2
+#   faded. Tuning: unsafe rate 0.611 / 0.528 / 0.528 at lambda_max 8 / 16 / 32 (SLD-max 0.611), benign objects
+#   kept 0.71 / 0.63 / 0.60; q 0.95-0.97 changed little.
+SPGUARD_DEFAULTS = {"t_p": DEFAULT_INFERENCE_STEPS // 5, "harmfulness_threshold": 0.19, "mask": "noise",
+                    "lambda_max": 16.0, "t_drop": DEFAULT_INFERENCE_STEPS}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
@@ -101,8 +99,14 @@ def export(run_dir: Path, to_dir: Path) -> Path:
     index = {"_class_name": "SafeDiffusionPipeline", "_diffusers_version": diffusers.__version__, **COMPONENTS}
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (staging / SPGUARD_CONFIG).write_text(json.dumps(defaults, indent=2) + "\n")
-    shutil.rmtree(to_dir, ignore_errors=True)
+    # Swap: the old folder aside, the new one in, then the old one away. A crash between the renames
+    # leaves the old model beside the destination (`.export-old`), never no model at all.
+    old = to_dir.with_name(to_dir.name + ".export-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if to_dir.exists():
+        to_dir.rename(old)
     staging.rename(to_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return to_dir
 
 

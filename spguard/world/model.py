@@ -25,6 +25,13 @@ LATENT_CHANNELS = 3 * UNSHUFFLE_FACTOR**2
 LATENT_SIZE = IMAGE_SIZE // UNSHUFFLE_FACTOR
 # The diffusion process, shared by training (DDPM) and sampling (DDIM).
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+# The unsafe concepts a model folder's pipeline guides against by default: they name only some
+# synonyms, so benchmarks measure whether guidance generalises to the others.
+DEFAULT_CONCEPTS = ["a knife, a weapon", "blood"]
+# A training run's folder: its checkpoint (model, EMA, optimizer, RNG states, step) and its logs.
+CHECKPOINT = "checkpoint.pt"
+EVAL_LOG = "eval.csv"
+LOSS_LOG = "loss.csv"
 
 
 @dataclass
@@ -81,6 +88,15 @@ def build_unet(size: ModelSize) -> UNet2DConditionModel:
         attention_head_dim=size.attention_heads,
         norm_num_groups=min(32, size.unet_channels[0]),
     )
+
+
+class Models(torch.nn.Module):
+    """Text encoder and UNet as one module, so one optimizer and one EMA copy cover both."""
+
+    def __init__(self, size: ModelSize, tokenizer):
+        super().__init__()
+        self.text_encoder = build_text_encoder(size, tokenizer)
+        self.unet = build_unet(size)
 
 
 def build_autoencoder() -> PixelUnshuffleAutoencoder:

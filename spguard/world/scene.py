@@ -1,9 +1,12 @@
 """The synthetic "shapes" world: its public palette, vocabulary, renderer and captions.
 
-A scene is 1-3 objects on a 3x3 grid of places in a 32x32 RGB image with a white background.
+A scene is 1-4 objects on a 3x3 grid of places in a 32x32 RGB image with a white background.
 Benign objects are coloured circles, squares and triangles; the two unsafe classes, a weapon (a
-blade glyph) and blood (an irregular splatter), use colours no benign object uses, so a detector can
-judge a generated image by the world's rules alone (see `spguard.world.detect`).
+thin blade glyph) and blood (an irregular splatter), use colours no benign object uses, so a detector
+can judge a generated image by the world's rules alone (see `spguard.world.detect`).
+
+Training captions are partial, as web captions are: each object is named only with some probability,
+so "a knife" means "there is a knife", not "only a knife" (docs/design.md, "The shapes world").
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ BENIGN_COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 
 UNSAFE_CLASSES = ("weapon", "blood")
-# Drawn in colours no benign object uses. Blood keeps the issue's dark red: it is 128 away from red
-# and 92 from the weapon's black, far beyond the detector's snapping radius.
-UNSAFE_COLOURS: dict[str, tuple[int, int, int]] = {"weapon": (20, 20, 20), "blood": (110, 0, 20)}
+# Drawn in colours inside the RGB cube, as far as a colour can be (70 RGB units, a grid search over the
+# cube) from the cube's faces, edges and corners, the grey axis, the benign colours, their blends with
+# each other, with white and with black, and from each other. Negative guidance overshoots
+# pixels towards the clip floor and ceiling: with black and dark red as unsafe colours (world v1) those
+# overshoots read as unsafe objects, so stronger guidance looked less safe.
+UNSAFE_COLOURS: dict[str, tuple[int, int, int]] = {"weapon": (75, 185, 185), "blood": (185, 95, 185)}
 # Unsafe objects have no colour word; their colour entry names the class's palette colour.
-UNSAFE_COLOUR_NAMES = {"weapon": "black", "blood": "darkred"}
+UNSAFE_COLOUR_NAMES = {"weapon": "teal", "blood": "orchid"}
 PALETTE: dict[str, tuple[int, int, int]] = {
     **BENIGN_COLOURS,
     **{UNSAFE_COLOUR_NAMES[c]: rgb for c, rgb in UNSAFE_COLOURS.items()},
@@ -86,7 +92,7 @@ VOCABULARY: tuple[str, ...] = tuple(
 HALF_SIZE = 4.0
 CIRCLE_RADIUS = 4.3
 BLADE_HALF_LENGTH = 5.5  # along the diagonal
-BLADE_HALF_WIDTH = 1.6
+BLADE_HALF_WIDTH = 1.2
 GUARD_HALF_WIDTH = 2.8
 BLOOD_CORE_RADIUS = 2.5
 BLOOD_DROPLETS = 5
@@ -96,12 +102,18 @@ BLOOD_HALF_SIZE = 4.5  # splatter clipped to this box, still clear of neighbouri
 
 # Training scenes: how often a scene holds an unsafe object, and how many objects it has.
 UNSAFE_SCENE_PROBABILITY = 0.45
+# Partial captions: each object is named with its class's probability, at least one always. An unsafe
+# object is almost always named, so a benign prompt rarely implies an unnamed unsafe object: of the
+# captions naming no unsafe object, 0.45 * 0.03 / (0.55 + 0.45 * 0.03) = 2.4% come from unsafe scenes.
+BENIGN_NAMED_PROBABILITY = 0.6
+UNSAFE_NAMED_PROBABILITY = 0.97
+MAX_NAMED_OBJECTS = 3  # four named objects would not fit the text encoder's MAX_TOKENS
 # Training captions sometimes leave the places out ("blood", "a red circle and a knife"), so texts
 # without places, such as the unsafe concepts that guidance methods encode, are in distribution;
 # and sometimes join objects with commas, as concept lists do ("a knife, a weapon").
 PLACELESS_CAPTION_PROBABILITY = 0.2
 COMMA_JOIN_PROBABILITY = 0.3
-OBJECT_COUNT_PROBABILITIES = {1: 0.35, 2: 0.65}
+OBJECT_COUNT_PROBABILITIES = {1: 0.25, 2: 0.35, 3: 0.25, 4: 0.15}
 # Multi-object scenes whose canonical key hashes to 0 modulo this are never used for training, so
 # evaluation and the benchmark can use prompts the model never saw as a whole.
 HELD_OUT_MODULUS = 10
@@ -154,9 +166,11 @@ class Scene:
         """The full caption: every object with its place ("a blue circle on the left and a knife ...")."""
         return self.describe()
 
-    def describe(self, places: bool = True, commas: bool = False) -> str:
-        """A caption; `places=False` names only the objects, `commas=True` joins all with commas."""
-        phrases = [o.phrase if places else o.noun for o in self.objects]
+    def describe(self, places: bool = True, commas: bool = False, named: tuple[bool, ...] | None = None) -> str:
+        """A caption; `places=False` names only the objects, `commas=True` joins all with commas,
+        `named` (one flag per object) leaves the others out."""
+        objects = self.objects if named is None else [o for o, n in zip(self.objects, named) if n]
+        phrases = [o.phrase if places else o.noun for o in objects]
         if commas or len(phrases) == 1:
             return ", ".join(phrases)
         if len(phrases) == 2:
@@ -164,9 +178,18 @@ class Scene:
         return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
     def training_caption(self, rng: np.random.Generator) -> str:
-        """One of the caption variants training uses (see PLACELESS_CAPTION_PROBABILITY)."""
+        """One of the caption variants training uses: a partial caption (see BENIGN_NAMED_PROBABILITY),
+        with or without places, joined with "and" or commas."""
+        chance = np.array([UNSAFE_NAMED_PROBABILITY if o.unsafe else BENIGN_NAMED_PROBABILITY for o in self.objects])
+        named = rng.random(len(self.objects)) < chance
+        if not named.any():
+            named[rng.integers(len(named))] = True
+        while named.sum() > MAX_NAMED_OBJECTS:  # leave out a benign object first
+            candidates = [i for i, o in enumerate(self.objects) if named[i] and not o.unsafe]
+            named[rng.choice(candidates)] = False
         places = bool(rng.random() >= PLACELESS_CAPTION_PROBABILITY)
-        return self.describe(places=places, commas=bool(rng.random() < COMMA_JOIN_PROBABILITY))
+        return self.describe(places=places, commas=bool(rng.random() < COMMA_JOIN_PROBABILITY),
+                             named=tuple(bool(n) for n in named))
 
 
 def benign_object(colour: str, shape: str, place: str) -> WorldObject:

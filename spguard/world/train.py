@@ -28,23 +28,25 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import gates
 from .detect import detect
 from .model import (
+    CHECKPOINT,
+    DEFAULT_CONCEPTS,
+    EVAL_LOG,
+    LOSS_LOG,
+    Models,
     ModelSize,
     build_autoencoder,
-    build_text_encoder,
-    build_unet,
     encode_prompts,
     images_to_latents,
     sample,
+    sampling_scheduler,
     train_scheduler,
     world_tokenizer,
 )
 from .scene import render_batch, sample_scene
 
-CHECKPOINT = "checkpoint.pt"
-EVAL_LOG = "eval.csv"
-LOSS_LOG = "loss.csv"
 LOSS_LOG_EVERY = 50  # steps between rows of the loss log
 EVAL_SEED = 1234  # the evaluation prompts and their noise are fixed, so evaluations compare over time
 # Measured on the packaged weights (9,000 steps), 96 held-out prompts: benign objects in colour and place /
@@ -60,7 +62,11 @@ GRAD_CLIP = 1.0
 DEFAULT_STEPS = 9000
 # Settings fixed when a run starts; a resumed run takes them from its checkpoint.
 RUN_SETTINGS = ("batch_size", "seed", "lr", "warmup", "ema_decay", "caption_dropout", "eval_every",
-                "eval_prompts", "eval_steps")
+                "eval_prompts", "eval_steps", "init_from", "gate_prompts")
+# The gates (gates.py) are measured at the packaged model's guidance scale and the paper's share of the
+# steps for t_p (t_p = 10 of T = 50).
+GATES_GUIDANCE_SCALE = 1.25
+GATES_LOG = "gates.csv"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: never)")
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of evaluation samples")
+    p.add_argument("--gate-prompts", type=int, default=16,
+                   help="unsafe and benign held-out prompts (each) of the diagnostic gates at every evaluation (0: none)")
+    p.add_argument("--init-from", default=None,
+                   help="a model folder (e.g. spguard/models/shapes) whose UNet and text encoder start the run: "
+                        "a fine-tune instead of training from scratch")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--unet-channels", default="32,64,128", help="UNet block widths, comma-separated")
     p.add_argument("--layers-per-block", type=int, default=1)
@@ -99,15 +110,6 @@ def model_size(args: argparse.Namespace) -> ModelSize:
         text_layers=args.text_layers,
         attention_heads=args.attention_heads,
     )
-
-
-class Models(torch.nn.Module):
-    """Text encoder and UNet as one module, so one optimizer and one EMA copy cover both."""
-
-    def __init__(self, size: ModelSize, tokenizer):
-        super().__init__()
-        self.text_encoder = build_text_encoder(size, tokenizer)
-        self.unet = build_unet(size)
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -200,6 +202,27 @@ def log_evaluation(ema: Models, tokenizer, vae, args, step: int, write=print) ->
         row = {"step": step, **{k: round(v, 4) for k, v in row.items()}}
         append_csv(args.out / EVAL_LOG, row)
         write(f"eval {row}")
+    if args.gate_prompts:
+        from ..pipeline import SafeDiffusionPipeline
+
+        pipe = SafeDiffusionPipeline.from_components(
+            unet=ema.unet, text_encoder=ema.text_encoder, tokenizer=tokenizer, vae=vae,
+            scheduler=sampling_scheduler(), defaults={"guidance_scale": GATES_GUIDANCE_SCALE,
+                                                      "num_inference_steps": args.eval_steps,
+                                                      "concepts": DEFAULT_CONCEPTS})
+        pipe.set_progress_bar_config(disable=True)
+        found = gates.measure(pipe, args.gate_prompts, args.gate_prompts, t_p=max(1, args.eval_steps // 5))
+        append_csv(args.out / GATES_LOG, {"step": step, **{k: round(v, 4) for k, v in found.items()}})
+        write(f"gates step {step}: {gates.format_gates(found)}")
+
+
+def initial_weights(models: Models, folder: str) -> None:
+    """Start from a model folder's UNet and text encoder (a fine-tune)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    models.unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(folder) / "unet").float().state_dict())
+    models.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(Path(folder) / "text_encoder").float().state_dict())
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -219,7 +242,7 @@ def train(args: argparse.Namespace) -> None:
     if checkpoint:
         settings = checkpoint["settings"]
         for name in RUN_SETTINGS:
-            setattr(args, name, settings[name])
+            setattr(args, name, settings.get(name, getattr(args, name)))
         size = ModelSize.from_dict(settings["model_size"])
         args.steps = args.steps or settings["steps"]
     else:
@@ -232,6 +255,8 @@ def train(args: argparse.Namespace) -> None:
     tokenizer = world_tokenizer()
     vae = build_autoencoder()
     models = Models(size, tokenizer)
+    if args.init_from and not checkpoint:
+        initial_weights(models, args.init_from)
     ema = copy.deepcopy(models).requires_grad_(False)
     optimizer = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
@@ -242,14 +267,15 @@ def train(args: argparse.Namespace) -> None:
         torch.set_rng_state(checkpoint["torch_rng"])
         rng.bit_generator.state = checkpoint["numpy_rng"]
         step, elapsed = checkpoint["step"], checkpoint["elapsed"]
-        for log in (LOSS_LOG, EVAL_LOG):
+        for log in (LOSS_LOG, EVAL_LOG, GATES_LOG):
             drop_rows_from(args.out / log, step + 1)
         print(f"resuming {ckpt_path} at step {step}/{args.steps}", file=sys.stderr)
     n_params = sum(p.numel() for p in models.parameters())
     print(f"{n_params / 1e6:.2f}M parameters, settings {settings}", file=sys.stderr)
 
     if args.evaluate:
-        drop_rows_from(args.out / EVAL_LOG, step)
+        for log in (EVAL_LOG, GATES_LOG):
+            drop_rows_from(args.out / log, step)
         log_evaluation(ema, tokenizer, vae, args, step)
         return
 
