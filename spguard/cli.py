@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import methods
+from .loading import ModelLoadError
 
 SIGINT_STATUS = 130  # 128 + SIGINT, as shells report a job stopped by Ctrl-C
 PACKAGED_MODEL = Path(__file__).parent / "models" / "shapes"  # the embedded default model (issue 4)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, FileNotFoundError, ModelLoadError) as exc:
         print(f"spguard: error: {exc}", file=sys.stderr)
         return 2
 

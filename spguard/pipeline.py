@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import logging
@@ -17,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import ConceptAttention
+from .loading import ModelLoadError, load_components
 from .methods import SLD_CONCEPT, Concepts, NegativePrompt, SPGuard, resolve_method
 from .reports import Report
 
@@ -31,7 +31,15 @@ def read_defaults(path) -> dict:
     """The defaults a model folder carries in spguard.json: guidance_scale, num_inference_steps, height,
     width, concepts, and "spguard" (SPGuard's parameters for the "spguard" method name)."""
     defaults_file = Path(path) / DEFAULTS_FILE
-    return json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+    if not defaults_file.is_file():
+        return {}
+    try:
+        defaults = json.loads(defaults_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{defaults_file}: not readable JSON ({exc})") from None
+    if not isinstance(defaults, dict):
+        raise ModelLoadError(f"{defaults_file}: expected a JSON object")
+    return defaults
 
 
 @dataclass
@@ -69,20 +77,8 @@ class SafeDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path, torch_dtype: torch.dtype | None = None, device=None):
-        """Load a diffusers-format folder from local disk; never touches the network."""
-        path = Path(path)
-        index_file = path / "model_index.json"
-        if not path.is_dir():
-            raise FileNotFoundError(f"model folder not found: {path}")
-        if not index_file.is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers model folder: it has no model_index.json")
-        index = json.loads(index_file.read_text())
-        parts = {}
-        for name in COMPONENTS:
-            if name not in index or index[name][0] is None:
-                raise ValueError(f"{index_file} names no {name}")
-            library, class_name = index[name]
-            parts[name] = getattr(importlib.import_module(library), class_name).from_pretrained(path / name)
+        """Load a diffusers-format folder from local disk; never touches the network (see spguard.loading)."""
+        parts = load_components(path, COMPONENTS)
         return cls(**parts, defaults=read_defaults(path)).to(device, torch_dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
