@@ -281,7 +281,8 @@ def fuzz_files(rng: random.Random) -> list[tuple[str, bytes]]:
         if k % 4 == 0:
             data = rng.randbytes(rng.randrange(1, 400))
         elif k % 4 == 1:  # text made of the awkward pieces
-            data = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60))).encode("utf-8", "surrogatepass")
+            text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60)))
+            data = text.encode("utf-8", "surrogatepass")
         elif k % 4 == 2:  # JSON lines with awkward prompts and fields
             lines = [json.dumps({"prompt": rng.choice(pieces) + " " + rng.choice(pieces),
                                  "seed": rng.choice([1, -2, "3", "x", 1.5, None, "²", 2**70, True]),
