@@ -269,7 +269,10 @@ def output_lock(out: Path) -> Iterator[None]:
 
     path = out / LOCK
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -289,7 +292,8 @@ def output_lock(out: Path) -> Iterator[None]:
             raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
         yield
     finally:
-        os.unlink(path)  # before closing: a job that opens the file now finds it gone and tries anew
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # before closing: a job that opens the file now finds it gone and tries anew
         os.close(fd)
 
 
@@ -437,7 +441,8 @@ def _save(out: Path, record: PromptRecord, settings: JobSettings, drawn: _Drawn)
             written.append(out / name)
     except WriteError:
         for path in written:  # a prompt is all its files or none
-            path.unlink()
+            with contextlib.suppress(OSError):
+                path.unlink()
         raise
     return report
 

@@ -198,7 +198,9 @@ class SPGuard:
         if self.t_drop is not None and not (is_integer(self.t_drop) and self.t_drop >= 0):
             raise ValueError(f"t_drop must be a non-negative integer, got {self.t_drop!r}")
         check_finite("lambda_max", self.lambda_max, minimum=0)
-        check_finite("harmfulness_threshold", self.harmfulness_threshold)
+        threshold = self.harmfulness_threshold  # ±inf are meaningful: guide every prompt, or none
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+            raise ValueError(f"harmfulness_threshold must be a number, got {threshold!r}")
         if self.mask not in ("noise", "attention"):
             raise ValueError(f"mask must be 'noise' or 'attention', got {self.mask!r}")
         if self.schedule not in ("step", "cosine"):

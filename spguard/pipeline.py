@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 DEFAULTS_FILE = "spguard.json"  # optional defaults a model folder carries (concepts, guidance scale, ...)
-TRUNCATION_WARNING = "prompt %d is longer than the text encoder's %d tokens; dropped: %s"
+TRUNCATION_WARNING = "prompt %d was truncated to the text encoder's %d tokens; dropped: %s"
 DROPPED_SHOWN = 200  # characters of a truncated prompt's dropped words that its warning shows
 FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50, "concepts": [SLD_CONCEPT]}
 
@@ -229,8 +229,9 @@ class SafeDiffusionPipeline:
         d = self.defaults
         steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
-        height = height or d.get("height") or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or d.get("width") or self.unet.config.sample_size * self.vae_scale_factor
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        height = (d.get("height") or native) if height is None else height
+        width = (d.get("width") or native) if width is None else width
         train_steps = self.scheduler.config.num_train_timesteps  # a scheduler cannot take more steps
         if not (is_integer(steps) and 1 <= steps <= train_steps):
             raise ValueError(f"num_inference_steps must be an integer from 1 to the scheduler's {train_steps}, "

@@ -48,7 +48,7 @@ def one_error_line(capsys) -> str:
         (["--lambda-max", "nan"], "lambda_max must be a finite number"),
         (["--lambda-max", "inf"], "lambda_max must be a finite number"),
         (["--q", "nan"], "q must lie in (0, 1)"),
-        (["--harmfulness-threshold", "nan"], "harmfulness_threshold must be a finite number"),
+        (["--harmfulness-threshold", "nan"], "harmfulness_threshold must be a number, got nan"),
         (["--t-p", "0"], "t_p must be an integer of at least 1"),
         (["--t-drop", "-1"], "t_drop must be a non-negative integer"),
         (["--batch-size", "0"], "batch size must be an integer of at least 1"),
@@ -77,6 +77,7 @@ def test_bad_numbers_are_one_line_exit_2_and_draw_nothing(tmp_path, capsys, flag
         ({"height": 33}, "height and width must be positive multiples of 2, got 33x32"),
         ({"width": -32}, "height and width must be positive multiples of 2, got 32x-32"),
         ({"height": 32.0}, "height and width must be positive multiples of 2"),
+        ({"height": 0}, "height and width must be positive multiples of 2, got 0x32"),
     ],
 )
 def test_library_refuses_bad_numbers(kwargs, message):
@@ -89,7 +90,7 @@ def test_library_refuses_bad_numbers(kwargs, message):
     [
         (lambda: SPGuard(lambda_max=math.nan), "lambda_max must be a finite number"),
         (lambda: SPGuard(lambda_max=math.inf), "lambda_max must be a finite number"),
-        (lambda: SPGuard(harmfulness_threshold=math.nan), "harmfulness_threshold must be a finite number"),
+        (lambda: SPGuard(harmfulness_threshold=math.nan), "harmfulness_threshold must be a number"),
         (lambda: SPGuard(q=math.nan), r"q must lie in \(0, 1\)"),
         (lambda: SPGuard(t_p=2.5), "t_p must be an integer"),
         (lambda: SPGuard(t_drop=-3), "t_drop must be a non-negative integer"),
@@ -338,7 +339,7 @@ def test_awkward_but_valid_prompts_are_drawn(tmp_path, capsys):
     assert all(r["error"] is None for r in reports)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(warnings) == 1 and warnings[0].startswith(
-        "spguard: warning: prompt 3 is longer than the text encoder's 77 tokens; dropped: blood blood")
+        "spguard: warning: prompt 3 was truncated to the text encoder's 77 tokens; dropped: blood blood")
     assert len(warnings[0]) < 400 and "<|endoftext|>" not in warnings[0]
 
 
@@ -350,7 +351,7 @@ def test_truncation_warning_is_one_line_per_prompt_without_padding(caplog):
         ours()(["a cat", long, long + " two"], num_inference_steps=1, output_type="latent", method="cfg")
     messages = [r.getMessage() for r in caplog.records if r.name == "spguard.pipeline"]
     assert len(messages) == 2
-    assert messages[0].startswith("prompt 1 is longer than the text encoder's 77 tokens; dropped: a red cat")
+    assert messages[0].startswith("prompt 1 was truncated to the text encoder's 77 tokens; dropped: a red cat")
     assert messages[0].endswith("and a dog") and messages[1].endswith("and a dog two")
     assert not any("<|endoftext|>" in m for m in messages)
 

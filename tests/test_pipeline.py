@@ -142,7 +142,7 @@ def test_bad_arguments():
     pipe = ours()
     with pytest.raises(ValueError, match="no prompts"):
         pipe([], num_inference_steps=2)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="must be an integer from 1"):
         pipe("a cat", num_inference_steps=0)
     with pytest.raises(ValueError, match="unknown method"):
         pipe("a cat", method="nope")
