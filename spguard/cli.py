@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 from . import methods
+from .jobs import WriteError
+from .loading import ModelLoadError
 from .models import PACKAGED_MODEL
 
 SIGINT_STATUS = 130  # 128 + SIGINT, as shells report a job stopped by Ctrl-C
+WRITE_FAILED_STATUS = 1  # the job stopped on a failed write (full disk, ...); bad input exits with 2
 
 
 class UsageError(Exception):
@@ -87,10 +90,6 @@ def load_pipeline(model: str | None, device: str | None = None):
 def generate(args) -> int:
     from . import jobs
 
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     records = jobs.read_prompts(args.prompt, args.prompts)
     model = resolve_model(args.model)
     settings = jobs.JobSettings(model=model, method=_method(args, model), steps=args.steps,
@@ -172,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except WriteError as exc:
+        print(f"spguard: error: {exc}; finished prompts are kept, rerun the same command once fixed",
+              file=sys.stderr)
+        return WRITE_FAILED_STATUS
+    except (UsageError, ValueError, FileNotFoundError, ModelLoadError) as exc:
         print(f"spguard: error: {exc}", file=sys.stderr)
         return 2
 

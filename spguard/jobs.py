@@ -8,6 +8,7 @@ A job writes into its output folder, for the prompt with index k (0-based, in fi
     NNNNNN.json       the prompt's report; written last, so its presence means the prompt is done
     manifest.json     what the run draws (prompts and settings); a rerun must match it to resume
     reports.jsonl     every report, one line per prompt in index order; written when the whole job is done
+    spguard.lock      while a job runs: the lock that keeps a second job out (the id of the process)
 
 Why one small JSON file per prompt rather than appending to one reports.jsonl as we go: every file is
 written to a temporary name in the same folder, fsync'ed, and renamed over its final name (os.replace is
@@ -16,7 +17,8 @@ dies. The report is renamed into place only after the prompt's PNGs are, so "NNN
 "all of prompt k's files are complete" and is the one test of done-ness that resume needs. An appended
 line could be cut short by a kill and would need repairing; a file per prompt never does, and ranks of a
 torchrun job never write to the same file. reports.jsonl is then assembled from the per-prompt files, in
-one atomic write, once all prompts are done.
+one atomic write, once all prompts are done. A write that fails (a full disk) stops the job after removing
+its temporary file and the prompt's other files, so a rerun once there is room goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
+import re
+import socket
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +42,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .methods import check_finite, is_integer
+
 PROMPT_FORMATS = (".txt", ".csv", ".jsonl")
 MANIFEST = "manifest.json"
 REPORTS = "reports.jsonl"
+LOCK = "spguard.lock"  # held by the job writing the folder (see output_lock)
 TMP_SUFFIX = ".tmp"
 MANIFEST_VERSION = 1
 # Labels a prompt file may give in its `label` column or field: unsafe is the positive class of eval's AUC.
 LABELS = {"unsafe": True, "1": True, "benign": False, "0": False}
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 OVERLAY_COLOR = np.array([255.0, 0.0, 0.0])  # red where SP-Guard's mask guides
 OVERLAY_ALPHA = 0.5  # overlay opacity at the mask's strongest point
 
@@ -52,7 +62,12 @@ class PromptFileError(ValueError):
 
 
 class ResumeError(ValueError):
-    """The output folder belongs to a different job."""
+    """The output folder belongs to a different job, is a file, or is being written by another job."""
+
+
+class WriteError(OSError):
+    """A write into the output folder failed (a full disk, an I/O error, no permission): the job stops, and
+    nothing it wrote is left half-done. The message names the file and the cause."""
 
 
 @dataclass(frozen=True)
@@ -100,16 +115,20 @@ def _read_prompt_file(path: Path) -> list[tuple[str, dict]]:
 
 
 def _txt_rows(path, text) -> Iterator[tuple[int, str, dict]]:
-    for line, prompt in enumerate(text.split("\n"), 1):
+    for line, prompt in enumerate(re.split("\r\n|\r|\n", text), 1):  # any mix of Unix, Windows, old Mac
         if prompt.strip():  # blank lines separate nothing and are skipped
             yield line, prompt.strip(), {}
 
 
 def _csv_rows(path, text) -> Iterator[tuple[int, str, dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = reader.fieldnames or []
+    try:
+        columns = reader.fieldnames or []
+    except csv.Error as exc:
+        raise PromptFileError(f"{path}:{reader.line_num}: bad CSV ({exc})") from None
     if "prompt" not in columns:
-        raise PromptFileError(f"{path}:1: no 'prompt' column (columns: {', '.join(columns) or 'none'})")
+        shown = ", ".join(c if c.isprintable() else repr(c) for c in columns)
+        raise PromptFileError(f"{path}:1: no 'prompt' column (columns: {_cut(shown) or 'none'})")
     try:
         for row in reader:
             if None in row or None in row.values():  # DictReader's marks of too many or too few values
@@ -130,6 +149,8 @@ def _jsonl_rows(path, text) -> Iterator[tuple[int, str, dict]]:
             obj = json.loads(content)
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"{path}:{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise PromptFileError(f"{path}:{line}: JSON nested too deeply") from None
         if not isinstance(obj, dict) or "prompt" not in obj:
             raise PromptFileError(f'{path}:{line}: expected a JSON object with a "prompt" field')
         fields = {k: v for k, v in obj.items() if k != "prompt"}
@@ -138,15 +159,42 @@ def _jsonl_rows(path, text) -> Iterator[tuple[int, str, dict]]:
 
 def _check_fields(path, line, prompt, fields) -> dict:
     if not isinstance(prompt, str) or not prompt.strip():
-        raise PromptFileError(f"{path}:{line}: the prompt must be a non-empty string, got {prompt!r}")
+        raise PromptFileError(f"{path}:{line}: the prompt must be a non-empty string, got {_short(prompt)}")
+    if "\0" in prompt:
+        raise PromptFileError(f"{path}:{line}: the prompt holds a NUL character")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, which JSON's \\uXXXX escapes can spell
+        raise PromptFileError(f"{path}:{line}: the prompt holds {exc.object[exc.start]!r}, "
+                              f"half of a UTF-16 pair, not text") from None
     seed = fields.get("seed")
     if isinstance(seed, str) and not seed.strip():  # an empty CSV cell: the derived seed
         seed = fields["seed"] = None
-    if seed is not None and not (isinstance(seed, int) or str(seed).strip().lstrip("-").isdigit()):
-        raise PromptFileError(f"{path}:{line}: seed must be an integer, got {seed!r}")
+    if seed is not None and not _is_seed(seed):
+        raise PromptFileError(f"{path}:{line}: seed must be an integer that torch takes, got {_short(seed)}")
     if "label" in fields and parse_label(fields["label"]) is None:
-        raise PromptFileError(f"{path}:{line}: label must be one of {', '.join(LABELS)}, got {fields['label']!r}")
+        raise PromptFileError(f"{path}:{line}: label must be one of {', '.join(LABELS)}, "
+                              f"got {_short(fields['label'])}")
     return fields
+
+
+def _is_seed(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return False
+    try:
+        seed = int(value)  # also "-3" and " 7 "; not "1.5" or superscripts
+    except ValueError:
+        return False
+    return SEED_RANGE[0] <= seed < SEED_RANGE[1]
+
+
+def _short(value) -> str:
+    """repr of a value from a prompt file, cut for a one-line message."""
+    return _cut(repr(value))
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_label(value) -> bool | None:
@@ -171,6 +219,17 @@ class JobSettings:
     with_baseline: bool = False
     masks: bool = False
 
+    def __post_init__(self):
+        # What the model decides (the most steps, image sizes) is checked by run_job once it is loaded.
+        if not (is_integer(self.batch_size) and self.batch_size >= 1):
+            raise ValueError(f"batch size must be an integer of at least 1, got {self.batch_size!r}")
+        if self.steps is not None and not (is_integer(self.steps) and self.steps >= 1):
+            raise ValueError(f"steps must be at least 1, got {self.steps!r}")
+        if self.guidance_scale is not None:
+            check_finite("guidance scale", self.guidance_scale, minimum=0)
+        if not (is_integer(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise ValueError(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1] - 1}, got {self.seed!r}")
+
     def seed_of(self, record: PromptRecord) -> int:
         return record.seed if record.seed is not None else self.seed + record.index
 
@@ -186,9 +245,61 @@ def manifest(records: list[PromptRecord], settings: JobSettings) -> dict:
             "settings": settings.to_dict()}
 
 
+def check_output_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ResumeError(f"--out {out} is a file, not a folder; name a folder (it is created if missing)")
+
+
+def make_output_folder(out: Path) -> None:
+    check_output_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"cannot create the folder {out}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the folder's lock file (LOCK, holding this process's id) while a job writes there.
+
+    The lock is the kernel's flock on that file, taken atomically and released when the process ends
+    however it ends; the file of a killed job stays behind, unlocked, and the next job takes it over.
+    """
+    import fcntl
+
+    path = out / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a starting job"
+            os.close(fd)
+            raise ResumeError(f"{out} is being written by another job ({holder}); wait for it to end, "
+                              f"or use another --out folder") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else the holder before us removed the file after we opened it: try the new one
+        os.close(fd)
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as exc:
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # before closing: a job that opens the file now finds it gone and tries anew
+        os.close(fd)
+
+
 def prepare_output(out: Path, expected: dict) -> None:
-    """Check (or write) the manifest of the output folder and clear temporary files of a killed run."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Check (or write) the manifest of the output folder and clear temporary files of a killed run
+    (under the folder's lock: another live job's temporary files are not leftovers)."""
     path = out / MANIFEST
     if path.is_file():
         found = json.loads(path.read_text())
@@ -222,12 +333,18 @@ def report_path(out: Path, index: int) -> Path:
 def _write_atomic(path: Path, data: bytes) -> None:
     # The temporary file sits in the same folder so that os.replace is a rename within one file system,
     # which is atomic. fsync before the rename: after a power cut the name must not point at an empty file.
+    # A failed write (ENOSPC, EIO, EACCES) removes its temporary file and leaves the final name untouched.
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -303,19 +420,30 @@ def _save(out: Path, record: PromptRecord, settings: JobSettings, drawn: _Drawn)
     report = {"index": record.index, "prompt": record.prompt, "seed": settings.seed_of(record),
               "fields": record.fields, "method": settings.method.name, "error": drawn.error,
               "image": None, "cfg_image": None, "mask_image": None}
+    files = {}
     if drawn.error is None:
         snapshots = drawn.report.pop("mask_snapshots") or {}
         report.update(drawn.report)
         report["image"] = f"{stem}.png"
-        _write_atomic(out / report["image"], _png_bytes(drawn.pixels))
+        files[report["image"]] = _png_bytes(drawn.pixels)
         if drawn.cfg_pixels is not None:
             report["cfg_image"] = f"{stem}.cfg.png"
-            _write_atomic(out / report["cfg_image"], _png_bytes(drawn.cfg_pixels))
+            files[report["cfg_image"]] = _png_bytes(drawn.cfg_pixels)
         last = snapshots[max(snapshots)] if snapshots else None
         if last is not None:
             report["mask_image"] = f"{stem}.mask.png"
-            _write_atomic(out / report["mask_image"], _png_bytes(mask_overlay(drawn.pixels, np.asarray(last))))
-    _write_atomic(report_path(out, record.index), json.dumps(report).encode())
+            files[report["mask_image"]] = _png_bytes(mask_overlay(drawn.pixels, np.asarray(last)))
+    files[report_path(out, record.index).name] = json.dumps(report).encode()
+    written = []
+    try:
+        for name, data in files.items():  # the report last
+            _write_atomic(out / name, data)
+            written.append(out / name)
+    except WriteError:
+        for path in written:  # a prompt is all its files or none
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
     return report
 
 
@@ -344,7 +472,7 @@ def distributed(device: str | None) -> Iterator[tuple[int, int, str]]:
         dist.destroy_process_group()
 
 
-def _broadcast_error(rank: int, world_size: int, error: str | None) -> str | None:
+def _broadcast_error(rank: int, world_size: int, error: Exception | None) -> Exception | None:
     """Rank 0's verdict on the output folder, sent to every rank; doubles as a barrier."""
     if world_size == 1:
         return error
@@ -360,6 +488,50 @@ def _barrier(world_size: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _warn_truncated(records: list[PromptRecord], pipe) -> None:
+    """One line per prompt longer than the text encoder takes, by its index in the job (the pipeline's
+    own warning, given once per call and by the prompt's place in the batch, is turned off)."""
+    from .pipeline import TRUNCATION_WARNING
+
+    pipe.warn_truncation = False
+    for record in records:
+        try:
+            dropped = pipe.dropped_words([record.prompt])[0]
+        except Exception:  # noqa: BLE001 - a prompt the tokenizer cannot take fails when drawn, in its report
+            continue
+        if dropped:
+            message = TRUNCATION_WARNING % (record.index, pipe.tokenizer.model_max_length, dropped)
+            print(f"spguard: warning: {message}", file=sys.stderr)
+
+
+class _Once(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        key = (record.name, record.levelno, record.getMessage())
+        shown = key not in self.seen
+        self.seen.add(key)
+        return shown
+
+
+@contextlib.contextmanager
+def warnings_once() -> Iterator[None]:
+    """Each distinct library warning (diffusers' and transformers' logs, Python warnings) shown once while
+    a job runs, however many batches repeat it."""
+    filters = {h: _Once() for name in ("diffusers", "transformers") for h in logging.getLogger(name).handlers}
+    for handler, once in filters.items():
+        handler.addFilter(once)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("once")
+            yield
+    finally:
+        for handler, once in filters.items():
+            handler.removeFilter(once)
 
 
 @dataclass
@@ -378,19 +550,23 @@ def run_job(records: list[PromptRecord], settings: JobSettings, out: Path,
     """
     from tqdm.auto import tqdm
 
-    with distributed(device) as (rank, world_size, device):
+    check_output_folder(out)
+    with distributed(device) as (rank, world_size, device), contextlib.ExitStack() as rank0_lock, warnings_once():
         # Load first: a model that cannot be loaded must fail before the output folder is touched.
         pipe = load_pipeline(device)
         pipe.set_progress_bar_config(disable=True)
+        pipe.check_settings(settings.steps, settings.guidance_scale)  # not each prompt "failing" on them
         error = None
-        if rank == 0:
+        if rank == 0:  # rank 0 holds the folder's lock for all ranks of the job
             try:
+                make_output_folder(out)
+                rank0_lock.enter_context(output_lock(out))
                 prepare_output(out, manifest(records, settings))
-            except ResumeError as exc:
-                error = str(exc)
+            except (ResumeError, WriteError) as exc:
+                error = exc
         error = _broadcast_error(rank, world_size, error)
         if error is not None:
-            raise ResumeError(error)
+            raise error
 
         # Batches are cut from the whole prompt list, not from a rank's share or from what is left, so
         # every image is drawn in the same batch however many processes run and however often it resumes.
@@ -398,6 +574,7 @@ def run_job(records: list[PromptRecord], settings: JobSettings, out: Path,
         mine = batches[rank::world_size]
         done = {r.index for b in mine for r in b if report_path(out, r.index).exists()}
         todo = [b for b in mine if any(r.index not in done for r in b)]
+        _warn_truncated([r for b in todo for r in b if r.index not in done], pipe)
         drawn_count = guided = 0
         with tqdm(total=sum(len(b) for b in mine), initial=len(done), unit="img", desc="generate",
                   disable=not progress or rank != 0, file=sys.stderr) as bar:

@@ -8,6 +8,7 @@ loop with the same batching and one UNet call per step, so their images and cost
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +49,19 @@ class Concepts:
 
     def rows(self, samples: Tensor, concept: Tensor) -> ConceptRows:
         return ConceptRows(samples, self.embeds[concept], self.token_mask[concept])
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_finite(name: str, value, minimum: float | None = None) -> None:
+    """ValueError unless value is a finite real number (and at least `minimum`): NaN would pass a plain
+    `value < minimum` test and silently spoil every image."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
 
 
 def cfg(e_u: Tensor, e_p: Tensor, guidance_scale: float) -> Tensor:
@@ -184,10 +198,14 @@ class SPGuard:
     def __post_init__(self):
         if not 0.0 < self.q < 1.0:
             raise ValueError(f"q must lie in (0, 1), got {self.q}")
-        if self.t_p < 1:
-            raise ValueError(f"t_p must be at least 1, got {self.t_p}")
-        if self.lambda_max < 0:
-            raise ValueError(f"lambda_max must be non-negative, got {self.lambda_max}")
+        if not (is_integer(self.t_p) and self.t_p >= 1):
+            raise ValueError(f"t_p must be an integer of at least 1, got {self.t_p!r}")
+        if self.t_drop is not None and not (is_integer(self.t_drop) and self.t_drop >= 0):
+            raise ValueError(f"t_drop must be a non-negative integer, got {self.t_drop!r}")
+        check_finite("lambda_max", self.lambda_max, minimum=0)
+        threshold = self.harmfulness_threshold  # ±inf are meaningful: guide every prompt, or none
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+            raise ValueError(f"harmfulness_threshold must be a number, got {threshold!r}")
         if self.mask not in ("noise", "attention"):
             raise ValueError(f"mask must be 'noise' or 'attention', got {self.mask!r}")
         if self.schedule not in ("step", "cosine"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
 import json
 import logging
@@ -17,13 +16,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import ConceptAttention
-from .methods import SLD_CONCEPT, Concepts, NegativePrompt, SPGuard, resolve_method
+from .loading import ModelLoadError, load_components
+from .methods import SLD_CONCEPT, Concepts, NegativePrompt, SPGuard, check_finite, is_integer, resolve_method
 from .reports import Report
 
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 DEFAULTS_FILE = "spguard.json"  # optional defaults a model folder carries (concepts, guidance scale, ...)
+TRUNCATION_WARNING = "prompt %d was truncated to the text encoder's %d tokens; dropped: %s"
+DROPPED_SHOWN = 200  # characters of a truncated prompt's dropped words that its warning shows
 FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50, "concepts": [SLD_CONCEPT]}
 
 
@@ -31,7 +33,15 @@ def read_defaults(path) -> dict:
     """The defaults a model folder carries in spguard.json: guidance_scale, num_inference_steps, height,
     width, concepts, and "spguard" (SPGuard's parameters for the "spguard" method name)."""
     defaults_file = Path(path) / DEFAULTS_FILE
-    return json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+    if not defaults_file.is_file():
+        return {}
+    try:
+        defaults = json.loads(defaults_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{defaults_file}: not readable JSON ({exc})") from None
+    if not isinstance(defaults, dict):
+        raise ModelLoadError(f"{defaults_file}: expected a JSON object")
+    return defaults
 
 
 @dataclass
@@ -54,6 +64,7 @@ class SafeDiffusionPipeline:
         factor = getattr(vae.config, "factor", None)  # spguard's pixel-unshuffle autoencoder says so
         self.vae_scale_factor = factor or 2 ** (len(vae.config.block_out_channels) - 1)
         self.progress_bar_config = {}
+        self.warn_truncation = True  # jobs warn themselves, naming a prompt by its index in the job
         self._text_cache: dict = {}
 
     # ----------------------------------------------------------------------------------------------
@@ -69,20 +80,8 @@ class SafeDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path, torch_dtype: torch.dtype | None = None, device=None):
-        """Load a diffusers-format folder from local disk; never touches the network."""
-        path = Path(path)
-        index_file = path / "model_index.json"
-        if not path.is_dir():
-            raise FileNotFoundError(f"model folder not found: {path}")
-        if not index_file.is_file():
-            raise FileNotFoundError(f"{path} is not a diffusers model folder: it has no model_index.json")
-        index = json.loads(index_file.read_text())
-        parts = {}
-        for name in COMPONENTS:
-            if name not in index or index[name][0] is None:
-                raise ValueError(f"{index_file} names no {name}")
-            library, class_name = index[name]
-            parts[name] = getattr(importlib.import_module(library), class_name).from_pretrained(path / name)
+        """Load a diffusers-format folder from local disk; never touches the network (see spguard.loading)."""
+        parts = load_components(path, COMPONENTS)
         return cls(**parts, defaults=read_defaults(path)).to(device, torch_dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
@@ -113,10 +112,10 @@ class SafeDiffusionPipeline:
         """Embeddings and content-token masks of texts, as diffusers' StableDiffusionPipeline encodes them."""
         max_length = self.tokenizer.model_max_length
         tokens = self._tokenize(texts, max_length)
-        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[-1] > max_length:
-            removed = self.tokenizer.batch_decode(untruncated[:, max_length - 1 : -1])
-            logger.warning("Prompts were truncated to the text encoder's %d tokens; removed: %s", max_length, removed)
+        if self.warn_truncation:
+            for i, dropped in enumerate(self.dropped_words(texts)):
+                if dropped:
+                    logger.warning(TRUNCATION_WARNING, i, max_length, dropped)
         mask = tokens.attention_mask.to(self.device)
         use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
         embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask if use_mask else None)[0]
@@ -124,6 +123,22 @@ class SafeDiffusionPipeline:
         special = torch.tensor(self.tokenizer.all_special_ids, device=self.device)
         content = (mask > 0) & ~torch.isin(ids, special)
         return embeds.to(self.dtype), content
+
+    def dropped_words(self, texts: list[str]) -> list[str]:
+        """For each text, what truncation to the text encoder's tokens drops ("" if nothing), as text: no
+        padding or end tokens, and cut to DROPPED_SHOWN characters for a one-line warning."""
+        max_length = self.tokenizer.model_max_length
+        out = []
+        if not texts:  # tokenizers cannot take an empty batch
+            return out
+        # Unpadded: each text's own tokens, start and end included. (verbose=False: no warning that they
+        # are longer than the model takes; that is what is being asked.)
+        for ids in self.tokenizer(texts, verbose=False).input_ids:
+            dropped = self.tokenizer.decode(ids[max_length - 1 : -1]) if len(ids) > max_length else ""
+            dropped = dropped.strip().lstrip("\ufffd")  # the cut may fall inside a character's bytes
+            cut = len(dropped) - DROPPED_SHOWN
+            out.append(f"{dropped[:DROPPED_SHOWN]}... ({cut} more characters)" if cut > 0 else dropped)
+        return out
 
     def _encode_cached(self, texts: tuple[str, ...]):
         """Null and concept texts repeat across calls: encode them once per device and dtype."""
@@ -152,11 +167,8 @@ class SafeDiffusionPipeline:
     ) -> SafeDiffusionOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         method = resolve_method(method, self.defaults.get("spguard"))
-        steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        scale = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        height = height or self.defaults.get("height") or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.defaults.get("width") or self.unet.config.sample_size * self.vae_scale_factor
-        self._check(prompts, steps, height, width, output_type)
+        steps, scale, height, width = self.check_settings(num_inference_steps, guidance_scale, height, width)
+        self._check(prompts, output_type)
         batch = len(prompts)
         generator = self._generators(generator, seed, batch)
 
@@ -211,15 +223,30 @@ class SafeDiffusionPipeline:
         return SafeDiffusionOutput(images=images, reports=reports)
 
     # ----------------------------------------------------------------------------------------------
-    def _check(self, prompts, steps, height, width, output_type):
+    def check_settings(self, num_inference_steps=None, guidance_scale=None, height=None, width=None):
+        """(steps, guidance scale, height, width), the model's defaults for those that are None; ValueError
+        for a number the model cannot take. Called by __call__, and by jobs before their first image."""
+        d = self.defaults
+        steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        native = self.unet.config.sample_size * self.vae_scale_factor
+        height = (d.get("height") or native) if height is None else height
+        width = (d.get("width") or native) if width is None else width
+        train_steps = self.scheduler.config.num_train_timesteps  # a scheduler cannot take more steps
+        if not (is_integer(steps) and 1 <= steps <= train_steps):
+            raise ValueError(f"num_inference_steps must be an integer from 1 to the scheduler's {train_steps}, "
+                             f"got {steps!r}")
+        check_finite("guidance_scale", scale, minimum=0)
+        factor = self.vae_scale_factor  # the latents are the image shrunk by this factor
+        if not all(is_integer(x) and x > 0 and x % factor == 0 for x in (height, width)):
+            raise ValueError(f"height and width must be positive multiples of {factor}, got {height!r}x{width!r}")
+        return steps, scale, height, width
+
+    def _check(self, prompts, output_type):
         if not prompts:
             raise ValueError("no prompts given")
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {steps}")
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
 

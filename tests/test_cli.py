@@ -36,7 +36,7 @@ def test_generate_end_to_end(tmp_path, capsys):
     [
         (["x", "--model", "/no/such/folder"], "model folder not found"),
         (["x", "--method", "nope"], "unknown method"),
-        (["x", "--steps", "0"], "--steps must be at least 1"),
+        (["x", "--steps", "0"], "steps must be at least 1"),
         (["x", "--q", "1.5", "--model", "tiny"], "q must lie in (0, 1)"),
         (["x", "--q", "0", "--model", "tiny"], "q must lie in (0, 1)"),
         ([], "no prompts given"),

@@ -14,7 +14,7 @@ from PIL import Image
 
 from spguard import SPGuard
 from spguard.cli import load_pipeline, main
-from spguard.jobs import JobSettings, read_prompts, run_job
+from spguard.jobs import JobSettings, PromptRecord, read_prompts, run_job
 
 from .helpers import ours
 
@@ -170,16 +170,13 @@ class NaNFor:
                 out.images[k] = np.nan
         return out
 
-    def set_progress_bar_config(self, **kwargs):
-        self.pipe.set_progress_bar_config(**kwargs)
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
 
 
 def test_failed_prompts_are_recorded_and_the_job_goes_on(tmp_path):
-    prompts = tmp_path / "p.jsonl"
-    # A lone surrogate is valid JSON but no text encoder can tokenize it.
-    prompts.write_text('{"prompt": "a cat"}\n{"prompt": "a cat \\ud800"}\n{"prompt": "nan please"}\n'
-                       '{"prompt": "a dog"}\n')
-    records = read_prompts([], prompts)
+    # A lone surrogate (which prompt files refuse) is a str, but no text encoder can tokenize it.
+    records = [PromptRecord(k, p) for k, p in enumerate(["a cat", "a cat \ud800", "nan please", "a dog"])]
     settings = JobSettings(model="tiny", method=SPGuard(t_p=1), steps=2, guidance_scale=None, seed=0, batch_size=4)
     summary = run_job(records, settings, tmp_path / "out", lambda device: NaNFor("nan please"), progress=False)
     assert (summary.total, summary.failed) == (4, 2)

@@ -16,6 +16,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
 
 import spguard
 from spguard import SLD, SafeDiffusionPipeline, SPGuard
+from spguard.loading import ModelLoadError
 from spguard.testing import SD_SCHEDULE
 
 from .helpers import STEPS, components, diffusers_pipe, gen, ours
@@ -98,9 +99,9 @@ def test_from_pretrained_reads_model_defaults(tmp_path):
 
 
 def test_from_pretrained_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
+    with pytest.raises(ModelLoadError, match="model folder not found"):
         SafeDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="model_index.json"):
+    with pytest.raises(ModelLoadError, match="model_index.json"):
         SafeDiffusionPipeline.from_pretrained(tmp_path)
 
 
@@ -141,7 +142,7 @@ def test_bad_arguments():
     pipe = ours()
     with pytest.raises(ValueError, match="no prompts"):
         pipe([], num_inference_steps=2)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="must be an integer from 1"):
         pipe("a cat", num_inference_steps=0)
     with pytest.raises(ValueError, match="unknown method"):
         pipe("a cat", method="nope")
