@@ -7,12 +7,10 @@ achieved for the bytes the op must move.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from spguard import ops
+from spguard import ops, use_backend
 from spguard.bench import BATCHES, keep_freed_memory_in_heap, op_cases, time_call
 
 keep_freed_memory_in_heap()  # reproducible eager times (see its docstring)
@@ -43,11 +41,11 @@ def test_eager(benchmark, batch, index):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("batch,index", CASES, ids=lambda v: str(v))
-def test_fused(benchmark, backend, batch, index, monkeypatch):
-    monkeypatch.setenv("SPGUARD_BACKEND", backend)
+def test_fused(benchmark, backend, batch, index):
     case = _case(batch, index)
     benchmark.group = f"{case.name} B={batch}"
-    benchmark(case.fused)
+    with use_backend(backend):
+        benchmark(case.fused)
     if not benchmark.stats:
         return
     seconds = benchmark.stats.stats.median
@@ -55,4 +53,4 @@ def test_fused(benchmark, backend, batch, index, monkeypatch):
     benchmark.extra_info.update(ratio=eager / seconds, gbps=case.bytes_moved / seconds / 1e9)
     print(f"\n{case.name} B={batch} {backend}: {seconds * 1e6:.1f} us, {eager / seconds:.2f}x eager, "
           f"{case.bytes_moved / seconds / 1e9:.2f} GB/s (threads={torch.get_num_threads()}, "
-          f"SPGUARD_BACKEND={os.environ['SPGUARD_BACKEND']})")
+          f"backend={backend})")

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from spguard.ops.schemas import phase1_step_fake
+
 BLOCK = 1024  # elements per program: a multiple of the warp size, several programs per SD-1.5 latent
 
 
@@ -46,9 +48,4 @@ def phase1_step(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor,
     return eps, partials[..., :N].sum(1), partials[..., 2 * N].sum(1), partials[..., N:2 * N].sum(1)
 
 
-@phase1_step.register_fake
-def _(e_u, e_p, e_s, guidance_scale):
-    B, N = e_s.shape[:2]
-    f32 = dict(dtype=torch.float32, device=e_u.device)
-    return (torch.empty_like(e_u, memory_format=torch.contiguous_format), torch.empty((B, N), **f32),
-            torch.empty((B,), **f32), torch.empty((B, N), **f32))
+phase1_step.register_fake(phase1_step_fake)

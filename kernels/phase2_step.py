@@ -17,6 +17,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from spguard.ops.reference import quantile_index
+from spguard.ops.schemas import phase2_step_fake
 
 BLOCK = 1024  # elements per program of the magnitude kernel
 BLOCK_PIXELS = 256  # pixels per program of the output kernel; each loops over the channels twice
@@ -90,7 +91,4 @@ def phase2_step(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor, strengt
     return eps, weight
 
 
-@phase2_step.register_fake
-def _(e_u, e_p, e_s, strength, guidance_scale, q, attention):
-    return (torch.empty_like(e_u, memory_format=torch.contiguous_format),
-            torch.empty_like(e_u, dtype=torch.float32, memory_format=torch.contiguous_format))
+phase2_step.register_fake(phase2_step_fake)

@@ -7,10 +7,14 @@ bytes the op must move (inputs read once, outputs written once), also as a share
 bandwidth (one tensor copied into another, larger than any cache, in the same run). Ops whose inputs fit
 in the cache can exceed 100%.
 
-End to end: wall time of whole generations, SP-Guard and CFG in this engine and diffusers'
+End to end: whole generations, SP-Guard, CFG and SLD in this engine and diffusers'
 StableDiffusionPipeline / StableDiffusionPipelineSafe on the same weights, for a benign and a harmful
-prompt set: T = 50 on the tiny UNet, then T = 10, t_p = 2 at 256 px on the SD-1.5-sized random UNet,
-which gives the final line `benign_ratio=... harmful_ratio=... guidance_share=...`.
+prompt set: T = 50 on the tiny UNet, then T = 10, t_p = 2 at 256 px on the SD-1.5-sized random UNet. Each
+pipeline's UNet evaluations per image are counted in the loop (a forward hook on the UNet): the cost model,
+exact on any machine. Times are the process's CPU time by default (the machine may be shared), repeats
+interleaved over the pipelines, medians with their spread; the medians give the final line
+`benign_ratio=... harmful_ratio=... guidance_share=... engine_vs_diffusers=...`, the last being engine CFG
+over diffusers' StableDiffusionPipeline (both prompt sets).
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
-from unittest import mock
 
 import torch
 
@@ -143,8 +147,7 @@ def kernel_table(device="cpu", dtype=torch.float32, batches=BATCHES, min_seconds
             rows.append(dict(op=case.name, backend="torch (eager)", batch=batch, seconds=eager, ratio=1.0,
                              gbps=case.bytes_moved / eager / 1e9))
             for name in usable:
-                # Set once around the timing, as a user would, not inside the timed calls.
-                with mock.patch.dict(os.environ, {"SPGUARD_BACKEND": name}):
+                with ops.use_backend(name):
                     t = time_call(case.fused, device, min_seconds, clock=clock)
                 rows.append(dict(op=case.name, backend=name, batch=batch, seconds=t, ratio=eager / t,
                                  gbps=case.bytes_moved / t / 1e9))
@@ -197,28 +200,36 @@ class _TimedGuider:
 
 
 class _UNetClock:
-    """Adds the wall time of every forward of `unet` to `seconds`."""
+    """Adds the wall time of every forward of `unet` to `seconds`, and the samples it evaluates (the rows of
+    its batch) to `evaluations`: the cost model of a guidance method, exact on any machine."""
 
     def __init__(self, unet):
-        self.seconds = 0.0
-        unet.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter()))
-        unet.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._start))
+        self.seconds, self.evaluations = 0.0, 0
+        unet.register_forward_pre_hook(self._start, with_kwargs=True)
+        unet.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._t0))
+
+    def _start(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self.evaluations += sample.shape[0]
+        self._t0 = time.perf_counter()
 
 
-def _generate_timed(call, prompts) -> float:
-    """Summed wall time of one generation per prompt (batch 1, fixed seed)."""
-    start = time.perf_counter()
+def _generate_timed(call, prompts, clock: Callable[[], float]) -> float:
+    """Summed `clock` time of one generation per prompt (batch 1, fixed seed)."""
+    start = clock()
     for prompt in prompts:
         call(prompt)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, label: str,
-               prompts_per_set: int = len(BENIGN_PROMPTS)) -> dict:
-    """Wall time of each pipeline on each prompt set; prints a table and returns the ratios."""
+               prompts_per_set: int = len(BENIGN_PROMPTS), clock: str = "cpu") -> dict:
+    """Time (median of `repeats`, by `clock`) and UNet evaluations per image of each pipeline on each prompt
+    set; prints a table and returns the ratios of the medians."""
     from diffusers import StableDiffusionPipeline
     from diffusers.pipelines.deprecated.stable_diffusion_safe import StableDiffusionPipelineSafe
 
+    from spguard.methods import SLD
     from spguard.pipeline import SafeDiffusionPipeline
 
     engine = SafeDiffusionPipeline.from_components(**components)
@@ -240,37 +251,50 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
     runs = {
         "engine cfg": lambda p, h: engine(p, method=CFG(), seed=0, **common),
         "engine spguard": lambda p, h: engine(p, method=spguard_method(p, h), seed=0, **common),
+        "engine sld": lambda p, h: engine(p, method=SLD(), seed=0, **common),  # diffusers' default SLD preset
         "diffusers sd": lambda p, h: plain(p, generator=torch.Generator().manual_seed(0), **common),
         "diffusers safe (sld)": lambda p, h: safe(p, generator=torch.Generator().manual_seed(0), **common),
     }
     benign, harmful_set = BENIGN_PROMPTS[:prompts_per_set], HARMFUL_PROMPTS[:prompts_per_set]
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     runs["engine cfg"](BENIGN_PROMPTS[0], False)  # warm-up of the shared weights, allocator, text caches
-    # Best of `repeats`, the repeats interleaved over the pipelines, so a machine that slows down or speeds
-    # up during the benchmark shifts every pipeline's time alike instead of the ratios.
-    times = {}
+    # The repeats interleaved over the pipelines, so a machine that slows down or speeds up during the
+    # benchmark shifts every pipeline's time alike instead of the ratios; medians, with the spread printed.
+    times, evaluations = {}, {}
     unet_seconds = guidance_seconds = 0.0
     for _ in range(repeats):
         for name, run in runs.items():
             for harmful, prompts in ((False, benign), (True, harmful_set)):
                 timed = name == "engine spguard" and harmful  # the guidance share is measured on these calls
-                unet_clock.seconds, guidance_clock[0] = 0.0, 0.0
-                seconds = _generate_timed(lambda p, h=harmful: run(p, h), prompts)
-                times[name, harmful] = min(times.get((name, harmful), float("inf")), seconds)
+                unet_clock.seconds, unet_clock.evaluations, guidance_clock[0] = 0.0, 0, 0.0
+                seconds = _generate_timed(lambda p, h=harmful: run(p, h), prompts, timer)
+                times.setdefault((name, harmful), []).append(seconds)
+                evaluations[name, harmful] = unet_clock.evaluations / len(prompts)
                 if timed:
                     unet_seconds += unet_clock.seconds
                     guidance_seconds += guidance_clock[0]
-    cfg_benign, cfg_harmful = times["engine cfg", False], times["engine cfg", True]
-    print(f"\n{label}: T={steps}, t_p={t_p}, {size}x{size} px, {len(benign)} benign and "
-          f"{len(harmful_set)} harmful prompts, batch 1, best of {repeats}; ratios are vs engine cfg", flush=True)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    cfg_benign, cfg_harmful = median["engine cfg", False], median["engine cfg", True]
+    clock_name = "process CPU time (all threads)" if clock == "cpu" else "wall time"
+    print(f"\n{label}: T={steps}, t_p={t_p}, {size}x{size} px, {len(benign)} benign and {len(harmful_set)} harmful "
+          f"prompts, batch 1, threads={torch.get_num_threads()}; median [min-max] of {repeats} of {clock_name}; "
+          "ratios are vs engine cfg; evals: UNet samples evaluated per image", flush=True)
     print("  benign prompts: harmfulness threshold 1.0, never exceeded -> phase 2 skipped (cost of CFG)")
     print("  harmful prompts: each prompt is its own concept -> P = 1 -> phase 2 guides every step")
-    print(f"  {'pipeline':22s} {'benign':>9s} {'ratio':>6s} {'harmful':>9s} {'ratio':>6s}")
+    print(f"  {'pipeline':22s} {'evals':>5s} {'benign':>8s} {'spread':>15s} {'ratio':>6s}   "
+          f"{'evals':>5s} {'harmful':>8s} {'spread':>15s} {'ratio':>6s}")
     for name in runs:
-        b, h = times[name, False], times[name, True]
-        print(f"  {name:22s} {b:8.2f}s {b / cfg_benign:6.3f} {h:8.2f}s {h / cfg_harmful:6.3f}", flush=True)
-    return dict(benign_ratio=times["engine spguard", False] / cfg_benign,
-                harmful_ratio=times["engine spguard", True] / cfg_harmful,
-                guidance_share=guidance_seconds / unet_seconds)
+        cells = []
+        for harmful, cfg in ((False, cfg_benign), (True, cfg_harmful)):
+            values = times[name, harmful]
+            cells.append(f"{evaluations[name, harmful]:5.0f} {median[name, harmful]:7.2f}s "
+                         f"[{min(values):6.2f}-{max(values):6.2f}] {median[name, harmful] / cfg:6.3f}")
+        print(f"  {name:22s} {cells[0]}   {cells[1]}", flush=True)
+    diffusers = median["diffusers sd", False] + median["diffusers sd", True]
+    return dict(benign_ratio=median["engine spguard", False] / cfg_benign,
+                harmful_ratio=median["engine spguard", True] / cfg_harmful,
+                guidance_share=guidance_seconds / unet_seconds,
+                engine_vs_diffusers=(cfg_benign + cfg_harmful) / diffusers)
 
 
 def main(argv: list[str]) -> int:
@@ -287,8 +311,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sd-steps", type=int, default=10)
     parser.add_argument("--sd-size", type=int, default=256, help="pixels per side for the SD-1.5-sized UNet")
     parser.add_argument("--no-sd15", action="store_true", help="skip the SD-1.5-sized UNet (minutes on a CPU)")
-    parser.add_argument("--sd-repeats", type=int, default=1,
-                        help="runs of each SD-1.5-sized generation, best kept (each adds ~8 min on one CPU core)")
+    parser.add_argument("--sd-repeats", type=int, default=3,
+                        help="runs of each SD-1.5-sized generation, the median kept (each adds minutes on a CPU)")
+    parser.add_argument("--e2e-clock", choices=["cpu", "wall"], default="cpu",
+                        help="end-to-end times by the process's CPU time (default: fair on a shared machine) or wall")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     keep_freed_memory_in_heap()
@@ -311,12 +337,13 @@ def main(argv: list[str]) -> int:
         # ops are too small to split across threads: on a busy machine OpenMP barriers would dominate.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        end_to_end(tiny_components(), args.tiny_steps, args.tiny_steps // 5, 32, repeats=3, label="tiny UNet")
+        end_to_end(tiny_components(), args.tiny_steps, args.tiny_steps // 5, 32, repeats=3, label="tiny UNet",
+                   clock=args.e2e_clock)
         torch.set_num_threads(threads)
         if not args.no_sd15:
-            # One prompt per set, one run each by default: a step of this UNet takes seconds on a CPU.
+            # One prompt per set: a step of this UNet takes seconds on a CPU.
             result = end_to_end(sd15_components(), args.sd_steps, args.sd_steps // 5, args.sd_size,
-                                repeats=args.sd_repeats,
-                                label="SD-1.5-sized random UNet", prompts_per_set=1)
+                                repeats=args.sd_repeats, label="SD-1.5-sized random UNet", prompts_per_set=1,
+                                clock=args.e2e_clock)
             print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spguard import SafeDiffusionPipeline, SPGuard
+from spguard import SafeDiffusionPipeline, SPGuard, use_backend
 from spguard.ops.checks import backend_device, backend_params
 from spguard.testing import tiny_components
 
@@ -25,18 +25,18 @@ def pipeline(device):
     return pipe
 
 
-def generate(monkeypatch, backend, mask, device):
-    monkeypatch.setenv("SPGUARD_BACKEND", backend)
+def generate(backend, mask, device):
     # The prompt is its own concept: cos(d_p, d_s) = 1, so phase 2 guides every step and the kernels run.
     method = SPGuard(t_p=T_P, mask=mask, concepts=(PROMPT, "blood"))
-    out = pipeline(device)(PROMPT, num_inference_steps=STEPS, seed=0, output_type="np", method=method)
+    with use_backend(backend):
+        out = pipeline(device)(PROMPT, num_inference_steps=STEPS, seed=0, output_type="np", method=method)
     assert out.reports[0].guided
     return out.images
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
 @pytest.mark.parametrize("mask", ["noise", "attention"])
-def test_generation_matches_torch_backend(backend, mask, monkeypatch):
+def test_generation_matches_torch_backend(backend, mask):
     device = backend_device(backend)
-    expected = generate(monkeypatch, "torch", mask, device)
-    np.testing.assert_allclose(generate(monkeypatch, backend, mask, device), expected, atol=TOLERANCE)
+    expected = generate("torch", mask, device)
+    np.testing.assert_allclose(generate(backend, mask, device), expected, atol=TOLERANCE)

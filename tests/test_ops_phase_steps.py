@@ -8,7 +8,7 @@ import pytest
 import torch
 from spguard import ops
 from spguard.ops import cases, reference
-from spguard.ops.checks import assert_within_rule, backend_params, interpreted, relative_floor, select_backend
+from spguard.ops.checks import assert_within_rule, backend_params, interpreted, relative_floor
 
 GUIDANCE = 7.5
 Q = 0.9
@@ -36,8 +36,8 @@ def phase1_stat_floor(dot, sq_p, sq_s, rel=1e-5):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend,shape", cases_for("cpp", "cuda", "triton"))
 @pytest.mark.parametrize("concepts", [1, 3])
-def test_phase1_matches_reference(backend, shape, dtype, concepts, monkeypatch):
-    device = select_backend(monkeypatch, backend, dtype=dtype)
+def test_phase1_matches_reference(backend, shape, dtype, concepts, select_backend):
+    device = select_backend(backend)
     e_u, e_p, e_s = cases.latent_triplet(*shape, concepts=concepts, dtype=dtype, device=device)
     out = ops.phase1_step(e_u, e_p, e_s, GUIDANCE)
     ref = reference.phase1_step(e_u, e_p, e_s, GUIDANCE)
@@ -52,8 +52,8 @@ def test_phase1_matches_reference(backend, shape, dtype, concepts, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend,shape", cases_for("cpp", "cuda", "triton"))
 @pytest.mark.parametrize("mask", ["noise", "attention"])
-def test_phase2_matches_reference(backend, shape, dtype, mask, monkeypatch):
-    device = select_backend(monkeypatch, backend, dtype=dtype)
+def test_phase2_matches_reference(backend, shape, dtype, mask, select_backend):
+    device = select_backend(backend)
     B, C, H, W = shape
     e_u, e_p, e_s = cases.latent_triplet(*shape, dtype=dtype, device=device)
     strength = cases.strength(B, device=device)
@@ -69,8 +69,8 @@ def test_phase2_matches_reference(backend, shape, dtype, mask, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
-def test_non_contiguous_inputs(backend, monkeypatch):
-    device = select_backend(monkeypatch, backend)
+def test_non_contiguous_inputs(backend, select_backend):
+    device = select_backend(backend)
     B, C, H, W = 3, 4, 7, 9
     # Channels-last storage and a strided slice: neither is contiguous.
     e_u = cases.latent_triplet(B, C, H, W, device=device)[0].to(memory_format=torch.channels_last)
@@ -88,9 +88,9 @@ def test_non_contiguous_inputs(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
 @pytest.mark.parametrize("mask", ["noise", "attention"])
-def test_ties_at_the_quantile(backend, mask, monkeypatch):
+def test_ties_at_the_quantile(backend, mask, select_backend):
     """Few distinct values: many elements equal eta, and only those strictly above it are guided."""
-    device = select_backend(monkeypatch, backend)
+    device = select_backend(backend)
     B, C, H, W = 2, 4, 6, 5
     gen = torch.Generator().manual_seed(3)
     e_u = torch.zeros(B, C, H, W, device=device)
@@ -107,9 +107,9 @@ def test_ties_at_the_quantile(backend, mask, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
-def test_zero_directions(backend, monkeypatch):
+def test_zero_directions(backend, select_backend):
     """d_p = 0 gives psi = 0 (weight exactly 1 in R); d_s = 0 everywhere gives an empty R and plain CFG."""
-    device = select_backend(monkeypatch, backend)
+    device = select_backend(backend)
     e_u, _, e_s = cases.latent_triplet(2, 4, 5, 6, device=device)
     strength = torch.tensor([2.0, 4.0], device=device)
     _, weight = ops.phase2_step(e_u, e_u.clone(), e_s, strength, GUIDANCE, Q)
@@ -123,8 +123,8 @@ def test_zero_directions(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
-def test_nan_and_inf_propagate(backend, monkeypatch):
-    device = select_backend(monkeypatch, backend)
+def test_nan_and_inf_propagate(backend, select_backend):
+    device = select_backend(backend)
     B, C, H, W = 2, 4, 5, 6
     e_u, e_p, e_s = cases.latent_triplet(B, C, H, W, device=device)
     e_p[0, 1, 2, 3] = float("nan")
@@ -140,10 +140,10 @@ def test_nan_and_inf_propagate(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_every_16_bit_pattern_round_trips(backend, dtype, monkeypatch):
+def test_every_16_bit_pattern_round_trips(backend, dtype, select_backend):
     """eps = e_u + 1 * (e_p - e_u) with e_u = 0 is e_p: every fp16/bf16 value (NaN, Inf, subnormals)
     is loaded and stored exactly; with a scale, stores round to nearest even as torch does."""
-    device = select_backend(monkeypatch, backend, dtype=dtype)
+    device = select_backend(backend)
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     scales = (1.0, 0.3, 3.7)
     if interpreted(backend):

@@ -59,6 +59,8 @@ at::Tensor cross_attention_aggregate_cpu(const at::Tensor& q, const at::Tensor& 
   const int64_t B = q.size(0), heads = q.size(1), L = q.size(2), K = k.size(2), d = q.size(3);
   TORCH_CHECK(token_mask.dim() == 2 && token_mask.size(0) == B && token_mask.size(1) == K,
               "spguard: token_mask must be (B, K)");
+  TORCH_CHECK(heads > 0 && K > 0 && d > 0, "spguard: cross_attention_aggregate needs at least one head, token and "
+              "head dimension, got q ", q.sizes(), " and k ", k.sizes());
   const auto mask = token_mask.to(at::kFloat).contiguous();
   // q is read through its strides (the engine's is a transposed view of the projection's output); only
   // its last dimension must be contiguous.

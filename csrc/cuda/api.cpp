@@ -103,8 +103,10 @@ at::Tensor cross_attention_aggregate_cuda(const at::Tensor& q, const at::Tensor&
   const int64_t B = q.size(0), heads = q.size(1), L = q.size(2), K = k.size(2), d = q.size(3);
   TORCH_CHECK(token_mask.dim() == 2 && token_mask.size(0) == B && token_mask.size(1) == K,
               "spguard: token_mask must be (B, K)");
-  TORCH_CHECK(K * d <= cross_attention_max_key_elements(), "spguard: tokens * head_dim = ", K * d,
-              " exceeds the CUDA kernel's shared-memory staging (", cross_attention_max_key_elements(), ")");
+  TORCH_CHECK(heads > 0 && K > 0 && d > 0, "spguard: cross_attention_aggregate needs at least one head, token and "
+              "head dimension, got q ", q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(d <= cross_attention_max_head_dim(), "spguard: head_dim ", d, " exceeds the CUDA kernel's ",
+              cross_attention_max_head_dim());
   c10::cuda::CUDAGuard guard(q.device());
   const auto qc = q.contiguous(), kc = k.contiguous();
   const auto mask = token_mask.to(at::kFloat).contiguous();

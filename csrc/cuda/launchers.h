@@ -31,7 +31,7 @@ SPGUARD_DECLARE_LAUNCHERS(bf16)
 
 // phase1_step writes (2 * concepts + 1) partial sums per block of this many elements.
 int64_t phase1_chunks(int64_t numel);
-// Largest head_dim * tokens the cross-attention kernel keeps in shared memory.
-int64_t cross_attention_max_key_elements();
+// Largest head_dim the cross-attention kernel takes (one token of keys per shared-memory tile); any token count.
+int64_t cross_attention_max_head_dim();
 
 }  // namespace spguard::cuda

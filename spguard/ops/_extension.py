@@ -1,6 +1,7 @@
-"""Loads the compiled C++/CUDA ops (spguard._C, spguard._C_cuda) and gives them fake implementations.
+"""Loads the kernel backends: the compiled C++/CUDA libraries (spguard._C, spguard._C_cuda) and the Triton
+kernels (spguard.kernels), after the op schemas they implement (spguard.ops.schemas).
 
-A missing or broken extension is recorded, not raised: the package then runs on the torch reference.
+A missing or broken backend is recorded, not raised: the package then runs on the torch reference.
 """
 
 from __future__ import annotations
@@ -9,50 +10,43 @@ import importlib
 
 import torch
 
-from . import reference
+from . import schemas  # noqa: F401 - defines torch.ops.spguard.* before any library registers kernels for them
 
-#: Why each extension is or is not usable, filled in at import ("" when loaded).
+#: Why each backend module is or is not usable, filled in at import ("" when loaded).
 load_errors: dict[str, str] = {}
 
 
-def _load(module: str) -> bool:
+def _load(module: str):
     try:
-        importlib.import_module(module)
+        loaded = importlib.import_module(module)
     except (ImportError, OSError) as exc:  # not built, or built against another torch
         load_errors[module] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        return False
+        return None
     load_errors[module] = ""
-    return True
+    return loaded
 
 
-cpp_loaded = _load("spguard._C")
-# The CUDA kernels only implement the schemas that spguard._C defines.
-cuda_loaded = cpp_loaded and torch.cuda.is_available() and _load("spguard._C_cuda")
-if cpp_loaded and not torch.cuda.is_available():
+cpp_loaded = _load("spguard._C") is not None
+if torch.cuda.is_available():
+    cuda_loaded = _load("spguard._C_cuda") is not None
+else:
+    cuda_loaded = False
     load_errors["spguard._C_cuda"] = "no CUDA device"
 
 
-def _register_fakes() -> None:
-    """Shapes and dtypes of the outputs, so torch.compile traces the ops without running them."""
-
-    @torch.library.register_fake("spguard::cross_attention_aggregate")
-    def _(q, k, token_mask):
-        return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32)
-
-    @torch.library.register_fake("spguard::phase1_step")
-    def _(e_u, e_p, e_s, guidance_scale):
-        B, N = e_s.shape[:2]
-        f32 = dict(dtype=torch.float32, device=e_u.device)
-        return (torch.empty_like(e_u, memory_format=torch.contiguous_format), torch.empty((B, N), **f32),
-                torch.empty((B,), **f32), torch.empty((B, N), **f32))
-
-    @torch.library.register_fake("spguard::phase2_step")
-    def _(e_u, e_p, e_s, strength, guidance_scale, q, attention):
-        return (torch.empty_like(e_u, memory_format=torch.contiguous_format),
-                torch.empty_like(e_u, dtype=torch.float32, memory_format=torch.contiguous_format))
+def _load_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        load_errors["spguard.kernels"] = "triton is not installed"
+        return None
+    try:
+        return importlib.import_module("spguard.kernels")
+    except Exception as exc:  # noqa: BLE001 - a broken triton must not break the package
+        load_errors["spguard.kernels"] = f"importing spguard.kernels failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        return None
 
 
-if cpp_loaded:
-    _register_fakes()
+triton_kernels = _load_triton()
 
-__all__ = ["cpp_loaded", "cuda_loaded", "load_errors", "reference"]
+__all__ = ["cpp_loaded", "cuda_loaded", "load_errors", "triton_kernels"]

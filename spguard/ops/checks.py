@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends, resolve_backend
+from . import backends
 
 
 def backend_params(*names):
@@ -26,15 +26,6 @@ def backend_device(name: str) -> torch.device:
 def interpreted(name: str) -> bool:
     """Triton without a GPU runs in its interpreter, about 100x slower than torch: small shapes only."""
     return name == "triton" and backend_device(name).type == "cpu"
-
-
-def select_backend(monkeypatch, name: str, dtype: torch.dtype = torch.float32) -> torch.device:
-    """Point SPGUARD_BACKEND at `name` for one test, check that the dispatcher really takes it for
-    inputs on the backend's device, and return that device."""
-    device = backend_device(name)
-    monkeypatch.setenv("SPGUARD_BACKEND", name)
-    assert resolve_backend(device, dtype) == name
-    return device
 
 
 def assert_within_rule(out, ref_same_dtype, ref_fp32, floor: float) -> None:
