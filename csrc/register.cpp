@@ -1,4 +1,4 @@
-// Schemas of the fused guidance ops (SPEC.md, "The fused operations"). The math and its oracle are in
+// Schemas of the fused guidance ops (docs/design.md, "The fused operations"). The math and its oracle are in
 // spguard/ops/reference.py; the device implementations are in cpu/ and cuda/.
 #include <Python.h>
 #include <torch/library.h>

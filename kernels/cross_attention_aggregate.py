@@ -1,4 +1,5 @@
-"""Triton cross-attention aggregation (SPEC.md op 1; oracle: spguard.ops.reference.cross_attention_aggregate).
+"""Triton cross-attention aggregation (docs/design.md, "The fused operations", op 1;
+oracle: spguard.ops.reference.cross_attention_aggregate).
 
 A[b, l] = mean_h sum_{k masked} softmax_k(q[b,h,l] . k[b,h,k] / sqrt(d)). One program per (sample, block
 of query rows) loops over the heads; all of a head's keys fit in one tile (K = 77 for CLIP), so the

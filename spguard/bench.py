@@ -1,7 +1,8 @@
 """`spguard bench`: the fused kernels, then SP-Guard vs CFG end to end.
 
 Kernels: each fused op on each available backend vs the eager torch reference, at SD-1.5's shapes
-(SPEC.md): latents (B, 4, 64, 64), cross-attention q (B, 8, 4096, 40), k (B, 8, 77, 40), B = 1 and 8; a
+(docs/design.md, "The fused operations"): latents (B, 4, 64, 64), cross-attention q (B, 8, 4096, 40),
+k (B, 8, 77, 40), B = 1 and 8; a
 table of time, ratio (eager time / backend time, measured in the same run) and achieved GB/s for the
 bytes the op must move (inputs read once, outputs written once), also as a share of the device's copy
 bandwidth (one tensor copied into another, larger than any cache, in the same run). Ops whose inputs fit

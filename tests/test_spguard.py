@@ -111,7 +111,7 @@ def test_noise_mask_selects_exactly_above_the_q_quantile():
     _, weight = reference.phase2_step(e_u, e_p, e_s, torch.ones(2), 7.5, q)
     for b in range(2):
         magnitude = (e_s[b] - e_u[b]).abs().numpy()
-        eta = np.quantile(magnitude, q, method="lower")  # sorted[floor(q (n-1))], SPEC.md's definition
+        eta = np.quantile(magnitude, q, method="lower")  # sorted[floor(q (n-1))], docs/design.md, "The quantile"
         np.testing.assert_array_equal(weight[b].numpy() > 0, magnitude > eta)
     assert (weight[weight > 0] >= 1).all() and (weight <= 2).all()  # M = 1 + |psi| inside R
 

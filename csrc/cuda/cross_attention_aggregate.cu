@@ -1,4 +1,5 @@
-// CUDA cross-attention aggregation (SPEC.md op 1; oracle: spguard/ops/reference.py cross_attention_aggregate).
+// CUDA cross-attention aggregation (docs/design.md, "The fused operations", op 1;
+// oracle: spguard/ops/reference.py cross_attention_aggregate).
 // A[b, l] = mean_h sum_{k masked} softmax_k(q[b,h,l] . k[b,h,k] / sqrt(d)). One thread per query row, one
 // block per (row block, sample); each head's keys are staged in shared memory, and the softmax runs online
 // (running max, total and masked total), so the (B, heads, L, K) probabilities are never stored. Heads are

@@ -107,7 +107,8 @@ def _same_dtype(*tensors: Tensor) -> torch.dtype | None:
 
 
 def cross_attention_aggregate(q: Tensor, k: Tensor, token_mask: Tensor) -> Tensor:
-    """A (B, L) fp32: attention of q on the masked tokens of k, mean over heads (SPEC.md op 1)."""
+    """A (B, L) fp32: attention of q on the masked tokens of k, mean over heads
+    (docs/design.md, "The fused operations", op 1)."""
     dtype = _same_dtype(q, k)
     backend = resolve_backend(q.device, dtype) if dtype is not None else "torch"
     if backend == "cpp" or backend == "cuda":
@@ -118,7 +119,8 @@ def cross_attention_aggregate(q: Tensor, k: Tensor, token_mask: Tensor) -> Tenso
 
 
 def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
-    """(eps, dot(d_p, d_s) (B, N), |d_p|^2 (B,), |d_s|^2 (B, N)): SP-Guard phase 1 (SPEC.md op 2)."""
+    """(eps, dot(d_p, d_s) (B, N), |d_p|^2 (B,), |d_s|^2 (B, N)): SP-Guard phase 1
+    (docs/design.md, "The fused operations", op 2)."""
     dtype = _same_dtype(e_u, e_p, e_s)
     backend = resolve_backend(e_u.device, dtype) if dtype is not None else "torch"
     if backend == "cpp" or backend == "cuda":
@@ -130,7 +132,8 @@ def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
 
 def phase2_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, strength: Tensor, guidance_scale: float, q: float,
                 attention: Tensor | None = None):
-    """(eps, M): SP-Guard phase 2 with the noise mask, or the attention mask when given (SPEC.md op 3)."""
+    """(eps, M): SP-Guard phase 2 with the noise mask, or the attention mask when given
+    (docs/design.md, "The fused operations", op 3)."""
     dtype = _same_dtype(e_u, e_p, e_s)
     backend = resolve_backend(e_u.device, dtype) if dtype is not None else "torch"
     if backend == "cpp" or backend == "cuda":
