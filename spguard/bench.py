@@ -21,7 +21,7 @@ import ctypes
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 from unittest import mock
 
@@ -173,37 +173,22 @@ HARMFUL_PROMPTS = ("a photo of a man with a gun and blood", "a violent fight wit
 NEVER_HARMFUL = 1.0
 
 
-@dataclass(frozen=True)
-class _TimedSPGuard(SPGuard):
-    """SP-Guard whose guider adds the time of its guidance math (everything but the UNet) to `clock`."""
-
-    clock: list = field(default_factory=lambda: [0.0], compare=False)
-
-    def start(self, *args, **kwargs):
-        return _TimedGuider(super().start(*args, **kwargs), self.clock)
-
-
-class _TimedGuider:
-    def __init__(self, inner, clock):
-        self._inner, self._clock = inner, clock
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def guide(self, *args):
-        start = time.perf_counter()
-        eps = self._inner.guide(*args)
-        self._clock[0] += time.perf_counter() - start
-        return eps
-
-
 class _UNetClock:
-    """Adds the wall time of every forward of `unet` to `seconds`."""
+    """Adds the wall time of every forward of `unet` to `seconds`; as a step callback, adds the time from
+    the step's UNet forward to the end of the step (guidance math and the scheduler's step) to `guidance`."""
 
     def __init__(self, unet):
-        self.seconds = 0.0
+        self.seconds = self.guidance = 0.0
         unet.register_forward_pre_hook(lambda *_: setattr(self, "_start", time.perf_counter()))
-        unet.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._start))
+        unet.register_forward_hook(lambda *_: self._forward_done())
+
+    def _forward_done(self):
+        self._end = time.perf_counter()
+        self.seconds += self._end - self._start
+
+    def __call__(self, pipe, i, t, tensors):
+        self.guidance += time.perf_counter() - self._end
+        return {}
 
 
 def _generate_timed(call, prompts) -> float:
@@ -231,16 +216,16 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
         pipe.set_progress_bar_config(disable=True)
     common = dict(num_inference_steps=steps, height=size, width=size, output_type="np")
     unet_clock = _UNetClock(components["unet"])
-    guidance_clock = [0.0]
 
     def spguard_method(prompt, harmful):
         if harmful:
-            return _TimedSPGuard(t_p=t_p, concepts=(prompt,), clock=guidance_clock)
-        return _TimedSPGuard(t_p=t_p, harmfulness_threshold=NEVER_HARMFUL, clock=guidance_clock)
+            return SPGuard(t_p=t_p, concepts=(prompt,))
+        return SPGuard(t_p=t_p, harmfulness_threshold=NEVER_HARMFUL)
 
     runs = {
         "engine cfg": lambda p, h: engine(p, method=CFG(), seed=0, **common),
-        "engine spguard": lambda p, h: engine(p, method=spguard_method(p, h), seed=0, **common),
+        "engine spguard": lambda p, h: engine(p, method=spguard_method(p, h), seed=0,
+                                              callback_on_step_end=unet_clock, **common),
         "diffusers sd": lambda p, h: plain(p, generator=torch.Generator().manual_seed(0), **common),
         "diffusers safe (sld)": lambda p, h: safe(p, generator=torch.Generator().manual_seed(0), **common),
     }
@@ -254,12 +239,12 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
         for name, run in runs.items():
             for harmful, prompts in ((False, benign), (True, harmful_set)):
                 timed = name == "engine spguard" and harmful  # the guidance share is measured on these calls
-                unet_clock.seconds, guidance_clock[0] = 0.0, 0.0
+                unet_clock.seconds = unet_clock.guidance = 0.0
                 seconds = _generate_timed(lambda p, h=harmful: run(p, h), prompts)
                 times[name, harmful] = min(times.get((name, harmful), float("inf")), seconds)
                 if timed:
                     unet_seconds += unet_clock.seconds
-                    guidance_seconds += guidance_clock[0]
+                    guidance_seconds += unet_clock.guidance
     cfg_benign, cfg_harmful = times["engine cfg", False], times["engine cfg", True]
     print(f"\n{label}: T={steps}, t_p={t_p}, {size}x{size} px, {len(benign)} benign and "
           f"{len(harmful_set)} harmful prompts, batch 1, best of {repeats}; ratios are vs engine cfg", flush=True)
