@@ -259,6 +259,43 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
                 guidance_share=guidance_seconds / unet_seconds)
 
 
+def sdxl_end_to_end(steps: int, t_p: int, size: int, repeats: int, device="cpu") -> dict:
+    """Wall time of SDXL generations (random UNet of SDXL base's configuration): the engine's CFG, SP-Guard
+    on a benign and a harmful prompt (as in end_to_end), and diffusers' StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from spguard.pipeline import SafeDiffusionPipeline
+    from spguard.testing import sdxl_components
+
+    reference = StableDiffusionXLPipeline(**sdxl_components()).to(device)
+    engine = SafeDiffusionPipeline.from_pipe(reference)
+    for pipe in (reference, engine):
+        pipe.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=steps, height=size, width=size, guidance_scale=GUIDANCE, output_type="np")
+    benign, harmful = BENIGN_PROMPTS[0], HARMFUL_PROMPTS[0]
+    runs = {
+        "engine cfg": lambda: engine(benign, method=CFG(), seed=0, **common),
+        "engine spguard benign": lambda: engine(benign, method=SPGuard(t_p=t_p, harmfulness_threshold=NEVER_HARMFUL),
+                                                seed=0, **common),
+        "engine spguard harmful": lambda: engine(harmful, method=SPGuard(t_p=t_p, concepts=(harmful,)), seed=0,
+                                                 **common),
+        "diffusers sdxl": lambda: reference(benign, generator=torch.Generator().manual_seed(0), **common),
+    }
+    times = {}
+    for _ in range(repeats):  # interleaved, best kept, as in end_to_end
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()  # images come back as numpy arrays: the device has finished
+            times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
+    print(f"\nSDXL-sized random UNet: T={steps}, t_p={t_p}, {size}x{size} px, batch 1, best of {repeats}; "
+          "ratios are vs engine cfg", flush=True)
+    for name, seconds in times.items():
+        print(f"  {name:24s} {seconds:8.2f}s {seconds / times['engine cfg']:6.3f}", flush=True)
+    return dict(sdxl_benign_ratio=times["engine spguard benign"] / times["engine cfg"],
+                sdxl_harmful_ratio=times["engine spguard harmful"] / times["engine cfg"],
+                sdxl_diffusers_ratio=times["diffusers sdxl"] / times["engine cfg"])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="spguard bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -275,6 +312,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-sd15", action="store_true", help="skip the SD-1.5-sized UNet (minutes on a CPU)")
     parser.add_argument("--sd-repeats", type=int, default=1,
                         help="runs of each SD-1.5-sized generation, best kept (each adds ~8 min on one CPU core)")
+    parser.add_argument("--sdxl", action="store_true", default=None,
+                        help="also the SDXL-sized random UNet (default: on a GPU only; one forward takes minutes on a CPU)")
+    parser.add_argument("--sdxl-steps", type=int, default=5)
+    parser.add_argument("--sdxl-size", type=int, default=512, help="pixels per side for the SDXL-sized UNet")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     keep_freed_memory_in_heap()
@@ -304,5 +345,9 @@ def main(argv: list[str]) -> int:
             result = end_to_end(sd15_components(), args.sd_steps, args.sd_steps // 5, args.sd_size,
                                 repeats=args.sd_repeats,
                                 label="SD-1.5-sized random UNet", prompts_per_set=1)
+            print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        if args.sdxl or (args.sdxl is None and torch.device(args.device).type == "cuda"):
+            result = sdxl_end_to_end(args.sdxl_steps, max(args.sdxl_steps // 5, 1), args.sdxl_size, repeats=1,
+                                     device=args.device)
             print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return 0
