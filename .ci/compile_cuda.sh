@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# nvcc 13 lives in the CUDA toolkit folder; the nvcc first on PATH may belong elsewhere (ENVIRONMENT.md).
+# nvcc 13 lives in the CUDA toolkit folder; the nvcc first on PATH may belong elsewhere
+# (docs/design.md, "Measured on the development machines").
 if [[ -z "${CUDA_HOME:-}" ]]; then
   for candidate in /usr/local/cuda /usr/local/cuda-13.0; do
     if [[ -x "$candidate/bin/nvcc" ]]; then CUDA_HOME="$candidate"; break; fi

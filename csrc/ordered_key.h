@@ -1,8 +1,8 @@
 // Order-preserving map between fp32 values and uint32 keys, shared by the CPU and CUDA selections.
 //
-// The per-sample quantile of SPEC.md (value at index floor(q * (n - 1)) of the ascending sort) is
-// found by a radix select on these keys: comparing keys as unsigned integers orders the floats
-// exactly as an ascending sort does (-inf < ... < -0 < +0 < ... < +inf < NaN for positive NaN),
+// The per-sample quantile of docs/design.md, "The quantile" (value at index floor(q * (n - 1))
+// of the ascending sort) is found by a radix select on these keys: comparing keys as unsigned
+// integers orders the floats exactly as an ascending sort does (-inf < ... < -0 < +0 < ... < +inf < NaN for positive NaN),
 // so a histogram of the key's top bits tells which bucket holds the k-th value without sorting.
 #pragma once
 

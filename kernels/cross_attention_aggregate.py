@@ -1,4 +1,4 @@
-"""Triton cross-attention aggregation (docs/design.md, "Fused operations", op 1; oracle:
+"""Triton cross-attention aggregation (docs/design.md, "The fused operations", op 1; oracle:
 spguard.ops.reference.cross_attention_aggregate).
 
 A[b, l] = mean_h sum_{k masked} softmax_k(q[b,h,l] . k[b,h,k] / sqrt(d)). One program per (sample, block

@@ -1,4 +1,4 @@
-"""Triton phase-1 step (SPEC.md op 2; oracle: spguard.ops.reference.phase1_step).
+"""Triton phase-1 step (docs/design.md, "The fused operations", op 2; oracle: spguard.ops.reference.phase1_step).
 
 One program per (sample, block of elements): it writes eps = e_u + s_g * d_p (Eq. 1) and its block's
 partial dot(d_p, d_s[j]), |d_p|^2, |d_s[j]|^2 (for Eq. 6's cosine), so each input is read once; the

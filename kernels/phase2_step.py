@@ -1,4 +1,4 @@
-"""Triton phase-2 step (SPEC.md op 3; oracle: spguard.ops.reference.phase2_step).
+"""Triton phase-2 step (docs/design.md, "The fused operations", op 3; oracle: spguard.ops.reference.phase2_step).
 
 Passes over the latents: two with the noise mask, one with the attention mask. eta, the per-sample
 q-quantile, is an order statistic of all C*H*W values of |d_s|, so no element's membership is known

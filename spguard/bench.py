@@ -1,8 +1,8 @@
 """`spguard bench`: the fused kernels, then SP-Guard vs CFG end to end.
 
 Kernels: each fused op on each available backend vs the eager torch reference, at SD-1.5's shapes
-(SPEC.md): latents (B, 4, 64, 64), cross-attention q (B, 8, 4096, 40), k (B, 8, 77, 40), B = 1 and 8; a
-table of time, ratio (eager time / backend time, measured in the same run) and achieved GB/s for the
+(docs/design.md, "The fused operations"): latents (B, 4, 64, 64), cross-attention q (B, 8, 4096, 40),
+k (B, 8, 77, 40), B = 1 and 8; a table of time, ratio (eager time / backend time, measured in the same run) and achieved GB/s for the
 bytes the op must move (inputs read once, outputs written once), also as a share of the device's copy
 bandwidth (one tensor copied into another, larger than any cache, in the same run). Ops whose inputs fit
 in the cache can exceed 100%.
@@ -25,7 +25,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -175,43 +175,30 @@ HARMFUL_PROMPTS = ("a photo of a man with a gun and blood", "a violent fight wit
 NEVER_HARMFUL = 1.0
 
 
-@dataclass(frozen=True)
-class _TimedSPGuard(SPGuard):
-    """SP-Guard whose guider adds the time of its guidance math (everything but the UNet) to `clock`."""
-
-    clock: list = field(default_factory=lambda: [0.0], compare=False)
-
-    def start(self, *args, **kwargs):
-        return _TimedGuider(super().start(*args, **kwargs), self.clock)
-
-
-class _TimedGuider:
-    def __init__(self, inner, clock):
-        self._inner, self._clock = inner, clock
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def guide(self, *args):
-        start = time.perf_counter()
-        eps = self._inner.guide(*args)
-        self._clock[0] += time.perf_counter() - start
-        return eps
-
-
 class _UNetClock:
-    """Adds the wall time of every forward of `unet` to `seconds`, and the samples it evaluates (the rows of
-    its batch) to `evaluations`: the cost model of a guidance method, exact on any machine."""
+    """Adds the wall time of every forward of `unet` to `seconds` and the samples it evaluates (the rows of
+    its batch) to `evaluations`: the cost model of a guidance method, exact on any machine. As a step
+    callback, adds the time from the step's UNet forward to the end of the step (guidance math and the
+    scheduler's step) to `guidance`."""
 
     def __init__(self, unet):
-        self.seconds, self.evaluations = 0.0, 0
+        self.seconds = self.guidance = 0.0
+        self.evaluations = 0
         unet.register_forward_pre_hook(self._start, with_kwargs=True)
-        unet.register_forward_hook(lambda *_: setattr(self, "seconds", self.seconds + time.perf_counter() - self._t0))
+        unet.register_forward_hook(lambda *_: self._forward_done())
 
     def _start(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         self.evaluations += sample.shape[0]
         self._t0 = time.perf_counter()
+
+    def _forward_done(self):
+        self._end = time.perf_counter()
+        self.seconds += self._end - self._t0
+
+    def __call__(self, pipe, i, t, tensors):
+        self.guidance += time.perf_counter() - self._end
+        return {}
 
 
 def _generate_timed(call, prompts, clock: Callable[[], float]) -> float:
@@ -241,16 +228,16 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
         pipe.set_progress_bar_config(disable=True)
     common = dict(num_inference_steps=steps, height=size, width=size, output_type="np")
     unet_clock = _UNetClock(components["unet"])
-    guidance_clock = [0.0]
 
     def spguard_method(prompt, harmful):
         if harmful:
-            return _TimedSPGuard(t_p=t_p, concepts=(prompt,), clock=guidance_clock)
-        return _TimedSPGuard(t_p=t_p, harmfulness_threshold=NEVER_HARMFUL, clock=guidance_clock)
+            return SPGuard(t_p=t_p, concepts=(prompt,))
+        return SPGuard(t_p=t_p, harmfulness_threshold=NEVER_HARMFUL)
 
     runs = {
         "engine cfg": lambda p, h: engine(p, method=CFG(), seed=0, **common),
-        "engine spguard": lambda p, h: engine(p, method=spguard_method(p, h), seed=0, **common),
+        "engine spguard": lambda p, h: engine(p, method=spguard_method(p, h), seed=0,
+                                              callback_on_step_end=unet_clock, **common),
         "engine sld": lambda p, h: engine(p, method=SLD(), seed=0, **common),  # diffusers' default SLD preset
         "diffusers sd": lambda p, h: plain(p, generator=torch.Generator().manual_seed(0), **common),
         "diffusers safe (sld)": lambda p, h: safe(p, generator=torch.Generator().manual_seed(0), **common),
@@ -266,13 +253,13 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
         for name, run in runs.items():
             for harmful, prompts in ((False, benign), (True, harmful_set)):
                 timed = name == "engine spguard" and harmful  # the guidance share is measured on these calls
-                unet_clock.seconds, unet_clock.evaluations, guidance_clock[0] = 0.0, 0, 0.0
+                unet_clock.seconds, unet_clock.evaluations, unet_clock.guidance = 0.0, 0, 0.0
                 seconds = _generate_timed(lambda p, h=harmful: run(p, h), prompts, timer)
                 times.setdefault((name, harmful), []).append(seconds)
                 evaluations[name, harmful] = unet_clock.evaluations / len(prompts)
                 if timed:
                     unet_seconds += unet_clock.seconds
-                    guidance_seconds += guidance_clock[0]
+                    guidance_seconds += unet_clock.guidance
     median = {key: statistics.median(values) for key, values in times.items()}
     cfg_benign, cfg_harmful = median["engine cfg", False], median["engine cfg", True]
     clock_name = "process CPU time (all threads)" if clock == "cpu" else "wall time"
@@ -297,6 +284,43 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
                 engine_vs_diffusers=(cfg_benign + cfg_harmful) / diffusers)
 
 
+def sdxl_end_to_end(steps: int, t_p: int, size: int, repeats: int, device="cpu") -> dict:
+    """Wall time of SDXL generations (random UNet of SDXL base's configuration): the engine's CFG, SP-Guard
+    on a benign and a harmful prompt (as in end_to_end), and diffusers' StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from spguard.pipeline import SafeDiffusionPipeline
+    from spguard.testing import sdxl_components
+
+    reference = StableDiffusionXLPipeline(**sdxl_components()).to(device)
+    engine = SafeDiffusionPipeline.from_pipe(reference)
+    for pipe in (reference, engine):
+        pipe.set_progress_bar_config(disable=True)
+    common = dict(num_inference_steps=steps, height=size, width=size, guidance_scale=GUIDANCE, output_type="np")
+    benign, harmful = BENIGN_PROMPTS[0], HARMFUL_PROMPTS[0]
+    runs = {
+        "engine cfg": lambda: engine(benign, method=CFG(), seed=0, **common),
+        "engine spguard benign": lambda: engine(benign, method=SPGuard(t_p=t_p, harmfulness_threshold=NEVER_HARMFUL),
+                                                seed=0, **common),
+        "engine spguard harmful": lambda: engine(harmful, method=SPGuard(t_p=t_p, concepts=(harmful,)), seed=0,
+                                                 **common),
+        "diffusers sdxl": lambda: reference(benign, generator=torch.Generator().manual_seed(0), **common),
+    }
+    times = {}
+    for _ in range(repeats):  # interleaved, best kept, as in end_to_end
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()  # images come back as numpy arrays: the device has finished
+            times[name] = min(times.get(name, float("inf")), time.perf_counter() - start)
+    print(f"\nSDXL-sized random UNet: T={steps}, t_p={t_p}, {size}x{size} px, batch 1, best of {repeats}; "
+          "ratios are vs engine cfg", flush=True)
+    for name, seconds in times.items():
+        print(f"  {name:24s} {seconds:8.2f}s {seconds / times['engine cfg']:6.3f}", flush=True)
+    return dict(sdxl_benign_ratio=times["engine spguard benign"] / times["engine cfg"],
+                sdxl_harmful_ratio=times["engine spguard harmful"] / times["engine cfg"],
+                sdxl_diffusers_ratio=times["diffusers sdxl"] / times["engine cfg"])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="spguard bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -315,6 +339,10 @@ def main(argv: list[str]) -> int:
                         help="runs of each SD-1.5-sized generation, the median kept (each adds minutes on a CPU)")
     parser.add_argument("--e2e-clock", choices=["cpu", "wall"], default="cpu",
                         help="end-to-end times by the process's CPU time (default: fair on a shared machine) or wall")
+    parser.add_argument("--sdxl", action="store_true", default=None,
+                        help="also the SDXL-sized random UNet (default: on a GPU only; one forward takes minutes on a CPU)")
+    parser.add_argument("--sdxl-steps", type=int, default=5)
+    parser.add_argument("--sdxl-size", type=int, default=512, help="pixels per side for the SDXL-sized UNet")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     keep_freed_memory_in_heap()
@@ -340,7 +368,11 @@ def main(argv: list[str]) -> int:
         end_to_end(tiny_components(), args.tiny_steps, args.tiny_steps // 5, 32, repeats=3, label="tiny UNet",
                    clock=args.e2e_clock)
         torch.set_num_threads(threads)
-        if not args.no_sd15:
+        if args.sdxl or (args.sdxl is None and torch.device(args.device).type == "cuda"):
+            result = sdxl_end_to_end(args.sdxl_steps, max(args.sdxl_steps // 5, 1), args.sdxl_size, repeats=1,
+                                     device=args.device)
+            print(" ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        if not args.no_sd15:  # last: its line is the bench's final line
             # One prompt per set: a step of this UNet takes seconds on a CPU.
             result = end_to_end(sd15_components(), args.sd_steps, args.sd_steps // 5, args.sd_size,
                                 repeats=args.sd_repeats, label="SD-1.5-sized random UNet", prompts_per_set=1,

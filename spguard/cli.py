@@ -27,7 +27,11 @@ def _generate_parser(sub):
     p.add_argument("--model", default=None,
                    help="a local diffusers-format folder, or 'tiny' for tiny random components "
                         "(default: the embedded model when installed, else tiny)")
-    p.add_argument("--method", default="spguard", help=f"one of {', '.join(methods.METHOD_NAMES)}")
+    p.add_argument("--method", default="spguard", help=f"one of {', '.join(methods.METHOD_NAMES)} (any case)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="the unconditional branch's text (with --method negative: its text)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="run seed; prompt k is drawn with seed + k")
@@ -47,22 +51,34 @@ def _generate_parser(sub):
     spg.add_argument("--t-drop", type=int, default=None, help="step where lambda drops to 1 (half of the steps)")
     spg.add_argument("--harmfulness-threshold", type=float, default=None,
                      help="guide only prompts whose P exceeds this (0: the paper's P+ rule)")
-    spg.add_argument("--concept", action="append", help="an unsafe concept (repeatable; default: the model's)")
+    spg.add_argument("--concept", action="append",
+                     help="an unsafe concept (repeatable; default: the model's): SP-Guard's concepts, SLD's "
+                          "joined into one, the negative method's text; cfg has none")
     p.set_defaults(func=generate)
 
 
 def _method(args, model: str):
-    if args.method == "spguard":
+    """The method object of --method (any case) and its flags; --concept means what the method makes of it."""
+    name, concepts = args.method.lower(), args.concept
+    if name == "spguard":
         from .pipeline import read_defaults
 
         model_defaults = None if model == "tiny" else read_defaults(model).get("spguard")
         return methods.SPGuard.with_defaults(
             model_defaults, lambda_max=args.lambda_max, q=args.q, t_p=args.t_p, mask=args.mask,
             schedule=args.schedule, t_drop=args.t_drop, harmfulness_threshold=args.harmfulness_threshold,
-            concepts=args.concept)
-    if args.method.startswith("sld-") and args.concept:
-        return methods.SLD(args.method[4:], concept=", ".join(args.concept))
-    return methods.resolve_method(args.method)
+            concepts=concepts)
+    if name.startswith("sld-") and concepts:
+        return methods.SLD(name[4:], concept=", ".join(concepts))
+    if name == "negative":
+        if concepts and args.negative_prompt is not None:
+            raise UsageError("--concept and --negative-prompt both give the negative method's text; give one")
+        text = ", ".join(concepts) if concepts else args.negative_prompt
+        return methods.NegativePrompt(text)
+    if name == "cfg" and concepts:
+        raise UsageError("--concept has no meaning with --method cfg, which guides away from nothing; "
+                         "use --negative-prompt, or a method that takes concepts")
+    return methods.resolve_method(name)
 
 
 def resolve_model(model: str | None) -> str:
@@ -92,9 +108,12 @@ def generate(args) -> int:
 
     records = jobs.read_prompts(args.prompt, args.prompts)
     model = resolve_model(args.model)
-    settings = jobs.JobSettings(model=model, method=_method(args, model), steps=args.steps,
+    method = _method(args, model)
+    negative_prompt = None if args.method.lower() == "negative" else args.negative_prompt  # the method's text
+    settings = jobs.JobSettings(model=model, method=method, steps=args.steps,
                                 guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-                                with_baseline=args.with_baseline, masks=args.masks or args.with_baseline)
+                                with_baseline=args.with_baseline, masks=args.masks or args.with_baseline,
+                                height=args.height, width=args.width, negative_prompt=negative_prompt)
     try:
         summary = jobs.run_job(records, settings, args.out, lambda device: load_pipeline(model, device),
                                device=args.device, progress=not args.no_progress)

@@ -204,6 +204,9 @@ def parse_label(value) -> bool | None:
 
 # ------------------------------------------------------------------------------------------------
 # Settings and the run manifest
+OPTIONAL_SETTINGS = ("height", "width", "negative_prompt")  # left out of a manifest when unset
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """Everything that decides a job's images; a resumed job must match it exactly."""
@@ -218,6 +221,9 @@ class JobSettings:
     batch_size: int
     with_baseline: bool = False
     masks: bool = False
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None  # the unconditional text of the method and of its CFG baseline
 
     def __post_init__(self):
         # What the model decides (the most steps, image sizes) is checked by run_job once it is loaded.
@@ -235,7 +241,10 @@ class JobSettings:
 
     def to_dict(self) -> dict:
         method = {"name": type(self.method).__name__, **dataclasses.asdict(self.method)}
-        return json.loads(json.dumps({**dataclasses.asdict(self), "method": method}))
+        settings = dataclasses.asdict(self)
+        for unset in [k for k in OPTIONAL_SETTINGS if settings[k] is None]:  # as manifests without them say
+            del settings[unset]
+        return json.loads(json.dumps({**settings, "method": method}))
 
 
 def manifest(records: list[PromptRecord], settings: JobSettings) -> dict:
@@ -401,6 +410,7 @@ def _draw(pipe, records: list[PromptRecord], settings: JobSettings) -> list[_Dra
 def _draw_batch(pipe, records, settings) -> list[_Drawn]:
     kwargs = dict(prompt=[r.prompt for r in records], num_inference_steps=settings.steps,
                   guidance_scale=settings.guidance_scale, seed=[settings.seed_of(r) for r in records],
+                  height=settings.height, width=settings.width, negative_prompt=settings.negative_prompt,
                   output_type="np")
     out = pipe(**kwargs, method=settings.method, report_masks=settings.masks)
     cfg_images = pipe(**kwargs, method="cfg").images if settings.with_baseline else [None] * len(records)

@@ -29,14 +29,16 @@ class ModelLoadError(OSError):
     """A model folder that cannot be loaded; the message is one line naming the folder or file."""
 
 
-def load_components(path, names: Sequence[str]) -> dict:
-    """The components `names` of the model folder at `path`, as model_index.json names their classes."""
+def load_components(path, names: Sequence[str], optional: Sequence[str] = ()) -> dict:
+    """The components `names` of the model folder at `path`, as model_index.json names their classes, and
+    those of `optional` that it names (SDXL's second text encoder)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
     index = read_index(path)
     components = {}
-    for name in names:
+    present = [n for n in optional if isinstance(index.get(n), list) and index[n][0] is not None]
+    for name in list(names) + present:
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
             raise ModelLoadError(f"{path / INDEX_FILE}: names no {name} (expected \"{name}\": [library, class])")

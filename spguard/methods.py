@@ -1,12 +1,22 @@
 """Guidance methods: small immutable configurations, each starting a per-generation guider.
 
-A guider tells the sampling loop which concept rows the next UNet call must evaluate (`rows`) and
-turns one step's noise estimates into the guided estimate (`guide`). Every method runs in the same
-loop with the same batching and one UNet call per step, so their images and costs compare fairly.
+The pipeline's loop names no method; a method plugs in through this protocol:
+
+- `negative_text(given, concepts)`: the unconditional branch's text(s) (`given`: the caller's
+  negative_prompt; `concepts`: the model's default concepts), or None for the null text;
+- `concept_texts(concepts)`: the texts of the concept rows it needs encoded (empty: none);
+- `start(batch_size, num_steps, guidance_scale, concepts, report_masks)`: the per-generation guider.
+
+A guider (`Guider`) tells the loop which concept rows the next UNet call must evaluate (`rows`),
+turns one step's noise estimates into the guided estimate (`guide`), changes the denoiser only inside
+`models(unet)` (diffusers' guiders' prepare_models / cleanup_models), offers its per-step tensors to the
+step callback (`state_names`, `state`) and writes the per-image reports (`reports`). Every method runs in
+the same loop with the same batching and one UNet call per step, so their images and costs compare fairly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Sequence
@@ -16,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .attention import ConceptAttention
 from .ops.reference import safe_cosine
 
 # The concept Safe Latent Diffusion ships (Schramowski et al., CVPR 2023; diffusers'
@@ -31,24 +42,42 @@ MASK_SNAPSHOTS = 4  # mask snapshots kept per image when reports ask for them, s
 
 
 @dataclass(frozen=True)
+class Text:
+    """Encoded texts: embeddings (n, L, D), content-token masks (n, L) (not start, end or padding tokens)
+    and, for SDXL, the pooled embeddings (n, P) its UNet also takes (None for SD 1.x/2.x)."""
+
+    embeds: Tensor
+    token_mask: Tensor
+    pooled: Tensor | None = None
+
+    def select(self, index: Tensor) -> "Text":
+        return Text(self.embeds.index_select(0, index), self.token_mask.index_select(0, index),
+                    None if self.pooled is None else self.pooled.index_select(0, index))
+
+    @staticmethod
+    def cat(texts: Sequence["Text"]) -> "Text":
+        pooled = [t.pooled for t in texts]
+        return Text(torch.cat([t.embeds for t in texts]), torch.cat([t.token_mask for t in texts]),
+                    None if pooled[0] is None else torch.cat(pooled))
+
+
+@dataclass(frozen=True)
 class ConceptRows:
-    """The concept rows of one UNet call: the sample each row belongs to, its embedding and token mask."""
+    """The concept rows of one UNet call: the sample each row belongs to and the row's text."""
 
     samples: Tensor  # (n,) long
-    embeds: Tensor  # (n, L, D)
-    token_mask: Tensor  # (n, L) bool: the concept's content tokens (not start, end or padding)
+    text: Text
 
 
 @dataclass(frozen=True)
 class Concepts:
-    """Encoded unsafe concepts: N strings, embeddings (N, L, D), content-token masks (N, L)."""
+    """Encoded unsafe concepts: N strings and their N encoded texts."""
 
     texts: tuple[str, ...]
-    embeds: Tensor
-    token_mask: Tensor
+    text: Text
 
     def rows(self, samples: Tensor, concept: Tensor) -> ConceptRows:
-        return ConceptRows(samples, self.embeds[concept], self.token_mask[concept])
+        return ConceptRows(samples, self.text.select(concept))
 
 
 def is_integer(value) -> bool:
@@ -74,14 +103,25 @@ def _unguided(batch_size: int) -> list[dict]:
             for _ in range(batch_size)]
 
 
-class _CFGGuider:
-    rows = None  # no concept rows
-    needs_attention = False
+class Guider:
+    """A per-generation guider's defaults: no concept rows, no change to the denoiser, no state."""
 
+    rows: ConceptRows | None = None
+    state_names: tuple[str, ...] = ()
+
+    def models(self, unet):
+        """A context inside which the denoiser carries whatever this guider installs on it."""
+        return contextlib.nullcontext()
+
+    def state(self, name: str) -> Tensor:
+        raise KeyError(name)
+
+
+class _CFGGuider(Guider):
     def __init__(self, batch_size: int, guidance_scale: float):
         self.batch_size, self.guidance_scale = batch_size, guidance_scale
 
-    def guide(self, i, e_u, e_p, e_s, attention):
+    def guide(self, i, e_u, e_p, e_s):
         return cfg(e_u, e_p, self.guidance_scale)
 
     def reports(self) -> list[dict]:
@@ -93,7 +133,12 @@ class CFG:
     """Plain classifier-free guidance (Ho & Salimans 2022)."""
 
     name = "cfg"
-    concepts = None
+
+    def negative_text(self, given, concepts):
+        return given
+
+    def concept_texts(self, concepts) -> tuple[str, ...]:
+        return ()
 
     def start(self, batch_size, num_steps, guidance_scale, concepts, report_masks=False):
         return _CFGGuider(batch_size, guidance_scale)
@@ -103,11 +148,19 @@ class CFG:
 class NegativePrompt(CFG):
     """CFG with the unconditional branch conditioned on a negative prompt (diffusers' `negative_prompt`).
 
-    text=None uses the unsafe concepts themselves, the paper's NEG baseline.
+    text=None takes the caller's negative_prompt, else the unsafe concepts themselves (the paper's NEG).
     """
 
     text: str | None = None
     name = "negative"
+
+    def negative_text(self, given, concepts):
+        if self.text is None:
+            return ", ".join(concepts) if given is None else given
+        if given is not None:
+            raise ValueError(f"the negative-prompt method already carries its text {self.text!r}; "
+                             "do not pass negative_prompt too")
+        return self.text
 
 
 @dataclass(frozen=True)
@@ -117,7 +170,6 @@ class SLD:
     preset: str = "medium"
     concept: str | None = None  # None: the model's default concepts, joined into one string
     warmup_steps: int | None = None  # None: the preset's (diffusers' sld_warmup_steps)
-    name = "sld"
 
     # (warmup_steps, sld_guidance_scale, sld_threshold, sld_momentum_scale, sld_mom_beta):
     # diffusers' SafetyConfig.WEAK/MEDIUM/STRONG/MAX.
@@ -135,27 +187,33 @@ class SLD:
             raise ValueError(f"warmup_steps must be non-negative, got {self.warmup_steps}")
 
     @property
-    def concepts(self):
-        return None if self.concept is None else (self.concept,)
+    def name(self) -> str:
+        return f"sld-{self.preset}"
+
+    def negative_text(self, given, concepts):
+        return given
+
+    def concept_texts(self, concepts) -> tuple[str, ...]:
+        return (", ".join(concepts) if self.concept is None else self.concept,)  # SLD takes one string
 
     def start(self, batch_size, num_steps, guidance_scale, concepts, report_masks=False):
         return _SLDGuider(self, batch_size, num_steps, guidance_scale, concepts)
 
 
-class _SLDGuider:
-    needs_attention = False
-
+class _SLDGuider(Guider):
     def __init__(self, method: SLD, batch_size, num_steps, guidance_scale, concepts: Concepts):
         self.batch_size, self.num_steps, self.guidance_scale = batch_size, num_steps, guidance_scale
         self.warmup, self.sld_scale, self.threshold, self.momentum_scale, self.beta = SLD.PRESETS[method.preset]
         if method.warmup_steps is not None:
             self.warmup = method.warmup_steps
-        self.concept = concepts.texts[0]  # the pipeline joins the concepts into SLD's one string
-        samples = torch.arange(batch_size, device=concepts.embeds.device)
+        self.concept = concepts.texts[0]
+        samples = torch.arange(batch_size, device=concepts.text.embeds.device)
         self.rows = concepts.rows(samples, torch.zeros_like(samples))
         self.momentum = None
+        self.steps_run = 0
 
-    def guide(self, i, e_u, e_p, e_s, attention):
+    def guide(self, i, e_u, e_p, e_s):
+        self.steps_run = i + 1
         # diffusers' order of operations (pipeline_stable_diffusion_safe.py), so images match bit for bit.
         d_p = e_p - e_u
         if self.momentum is None:
@@ -169,7 +227,7 @@ class _SLDGuider:
         return e_u + self.guidance_scale * d_p
 
     def reports(self) -> list[dict]:
-        steps = list(range(self.warmup, self.num_steps))
+        steps = list(range(self.warmup, self.steps_run))
         return [{"harmfulness": None, "concept": self.concept, "guided": True, "guided_steps": steps,
                  "mask_coverage": []} for _ in range(self.batch_size)]
 
@@ -216,6 +274,10 @@ class SPGuard:
             object.__setattr__(self, "concepts", tuple(self.concepts))
             if not self.concepts:
                 raise ValueError("concepts must name at least one concept")
+        if isinstance(self.attention_layers, str):  # one name, not its characters
+            object.__setattr__(self, "attention_layers", (self.attention_layers,))
+        elif self.attention_layers is not None:
+            object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
 
     @classmethod
     def with_defaults(cls, defaults: dict | None, **given) -> "SPGuard":
@@ -233,16 +295,24 @@ class SPGuard:
         progress = (i - self.t_p) / max(num_steps - self.t_p, 1)
         return late + (self.lambda_max - late) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def negative_text(self, given, concepts):
+        return given
+
+    def concept_texts(self, concepts) -> tuple[str, ...]:
+        return self.concepts or tuple(concepts)
+
     def start(self, batch_size, num_steps, guidance_scale, concepts, report_masks=False):
         return _SPGuardGuider(self, batch_size, num_steps, guidance_scale, concepts, report_masks)
 
 
-class _SPGuardGuider:
+class _SPGuardGuider(Guider):
+    state_names = ("guidance_mask",)
+
     def __init__(self, method: SPGuard, batch_size, num_steps, guidance_scale, concepts: Concepts, report_masks):
         self.m, self.num_steps, self.guidance_scale, self.concepts = method, num_steps, guidance_scale, concepts
         self.t_p = min(method.t_p, num_steps)
         self.batch_size, n = batch_size, len(concepts.texts)
-        device = concepts.embeds.device
+        device = concepts.text.embeds.device
         samples = torch.arange(batch_size, device=device)
         self.rows = concepts.rows(samples.repeat_interleave(n), torch.arange(n, device=device).repeat(batch_size))
         self.similarity = torch.zeros(batch_size, n, device=device)  # running sum of Eq. 6's cosine
@@ -252,27 +322,46 @@ class _SPGuardGuider:
         self.snapshot_steps = spread if report_masks and self.t_p < num_steps else []
         self.snapshots = None  # (B, S, H, W), allocated at the first phase-2 step
         self.active = None  # samples guided in phase 2, known after phase 1
+        self.weight = None  # this step's M of the active samples (phase 2)
+        self.capture = None  # the attention capture, while models() holds it
+        self.steps_run = 0
 
-    @property
-    def needs_attention(self) -> bool:
-        return self.m.mask == "attention" and self.active is not None and self.rows is not None
+    @contextlib.contextmanager
+    def models(self, unet):
+        if self.m.mask != "attention":
+            yield
+            return
+        # The concept rows follow the null and prompt rows in every UNet call.
+        with ConceptAttention(unet, self.m.attention_layers, first_row=2 * self.batch_size) as self.capture:
+            yield
+        self.capture = None
 
-    def guide(self, i, e_u, e_p, e_s, attention):
+    def state(self, name: str) -> Tensor:
+        if name != "guidance_mask":
+            raise KeyError(name)
+        # M of Eq. 8 per sample, (B, C, H, W); 0 in phase 1 and for the samples phase 2 does not guide.
+        mask = torch.zeros_like(self.latent_like, dtype=torch.float32)
+        return mask if self.weight is None else mask.index_copy_(0, self.active, self.weight)
+
+    def guide(self, i, e_u, e_p, e_s):
+        self.steps_run, self.weight, self.latent_like = i + 1, None, e_u
         if i < self.t_p:
             e_s = e_s.unflatten(0, (self.batch_size, -1))
             eps, dot, sq_p, sq_s = ops.phase1_step(e_u, e_p, e_s, self.guidance_scale)
             self.similarity += safe_cosine(dot, sq_p[:, None], sq_s)  # Eq. 6
             if i == self.t_p - 1:
-                self._end_phase1()
+                self._end_phase1(e_u.shape[-2:])
             return eps
         eps = cfg(e_u, e_p, self.guidance_scale)
         if self.rows is None:
             return eps
         a = self.active
         strength = self.m.strength(i, self.num_steps) * self.active_p_plus  # Eq. 7
+        attention = None if self.capture is None else self.capture.take()
         eps_a, weight = ops.phase2_step(
             e_u.index_select(0, a), e_p.index_select(0, a), e_s, strength, self.guidance_scale, self.m.q, attention
         )
+        self.weight = weight
         self.coverage[:, i].index_copy_(0, a, (weight > 0).flatten(1).float().mean(1))
         if i in self.snapshot_steps:
             if self.snapshots is None:
@@ -280,19 +369,23 @@ class _SPGuardGuider:
             self.snapshots[:, self.snapshot_steps.index(i)].index_copy_(0, a, weight.mean(1))
         return eps.index_copy_(0, a, eps_a)
 
-    def _end_phase1(self):
+    def _end_phase1(self, latent_size):
         self.harmfulness, self.concept = (self.similarity / self.t_p).max(1)  # Eq. 6
         guided = self.harmfulness > self.m.harmfulness_threshold
         self.active = guided.nonzero().squeeze(1)  # the generation's one host synchronisation
         self.active_p_plus = self.harmfulness.index_select(0, self.active).clamp(min=0)  # P+ of Eq. 7
         n_active = self.active.shape[0]
         self.rows = self.concepts.rows(self.active, self.concept.index_select(0, self.active)) if n_active else None
+        if self.rows is not None and self.capture is not None:
+            self.capture.begin(self.rows.text.token_mask, tuple(latent_size))
 
     def reports(self) -> list[dict]:
+        if self.active is None:  # interrupted during phase 1: no harmfulness yet
+            return _unguided(self.batch_size)
         harmfulness, concept = self.harmfulness.tolist(), self.concept.tolist()
         active = set(self.active.tolist())
-        coverage = self.coverage[:, self.t_p :].tolist()
-        steps = list(range(self.t_p, self.num_steps))
+        coverage = self.coverage[:, self.t_p : self.steps_run].tolist()
+        steps = list(range(self.t_p, self.steps_run))
         out = []
         for b in range(self.batch_size):
             guided = b in active and bool(steps)
@@ -300,7 +393,8 @@ class _SPGuardGuider:
                  "guided_steps": steps if guided else [], "mask_coverage": coverage[b] if guided else []}
             if self.snapshot_steps:
                 r["mask_snapshots"] = {
-                    s: (self.snapshots[b, k].tolist() if guided else None) for k, s in enumerate(self.snapshot_steps)
+                    s: (self.snapshots[b, k].tolist() if guided and self.snapshots is not None and s < self.steps_run
+                        else None) for k, s in enumerate(self.snapshot_steps)
                 }
             out.append(r)
         return out
@@ -309,12 +403,13 @@ class _SPGuardGuider:
 METHOD_NAMES = ("cfg", "negative", "sld-weak", "sld-medium", "sld-strong", "sld-max", "spguard")
 
 
-def resolve_method(method, spguard_defaults: dict | None = None) -> CFG | NegativePrompt | SLD | SPGuard:
-    """A method object from an object or one of METHOD_NAMES; "spguard" takes a model's SP-Guard defaults."""
-    if isinstance(method, (CFG, SLD, SPGuard)):
-        return method
+def resolve_method(method, model_defaults: dict | None = None):
+    """A method object from an object or one of METHOD_NAMES (any case); "spguard" takes the SP-Guard
+    parameters of a model's defaults (spguard.json's "spguard")."""
     if not isinstance(method, str):
-        raise TypeError(f"method must be a method object or a name, got {type(method).__name__}")
+        if not callable(getattr(method, "start", None)):
+            raise TypeError(f"method must be a method object or a name, got {type(method).__name__}")
+        return method
     name = method.lower()
     if name == "cfg":
         return CFG()
@@ -323,5 +418,5 @@ def resolve_method(method, spguard_defaults: dict | None = None) -> CFG | Negati
     if name.startswith("sld-") and name[4:] in SLD.PRESETS:
         return SLD(name[4:])
     if name == "spguard":
-        return SPGuard.with_defaults(spguard_defaults)
+        return SPGuard.with_defaults((model_defaults or {}).get("spguard"))
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")

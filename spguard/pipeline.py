@@ -1,8 +1,7 @@
-"""SafeDiffusionPipeline: Stable Diffusion 1.x/2.x sampling with SP-Guard and its baselines."""
+"""SafeDiffusionPipeline: Stable Diffusion 1.x/2.x and SDXL sampling with SP-Guard and its baselines."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -11,22 +10,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import ConceptAttention
-from .loading import ModelLoadError, load_components
-from .methods import SLD_CONCEPT, Concepts, NegativePrompt, SPGuard, check_finite, is_integer, resolve_method
+from .loading import ModelLoadError, load_components, read_index
+from .methods import SLD_CONCEPT, Concepts, Text, check_finite, is_integer, resolve_method
 from .reports import Report
 
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # SDXL's second text encoder, when a model has one
 DEFAULTS_FILE = "spguard.json"  # optional defaults a model folder carries (concepts, guidance scale, ...)
 TRUNCATION_WARNING = "prompt %d was truncated to the text encoder's %d tokens; dropped: %s"
 DROPPED_SHOWN = 200  # characters of a truncated prompt's dropped words that its warning shows
 FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50, "concepts": [SLD_CONCEPT]}
+SDXL_GUIDANCE_SCALE = 5.0  # StableDiffusionXLPipeline's default
+# What callback_on_step_end may ask for besides its guider's state: the latents after the step, the guided
+# eps ("noise_pred", as diffusers names it), the step's UNet output on [null, prompt, concept rows], and the
+# null (or negative) and prompt rows' embeddings.
+CALLBACK_TENSORS = ("latents", "noise_pred", "unet_output", "prompt_embeds", "negative_prompt_embeds")
 
 
 def read_defaults(path) -> dict:
@@ -54,40 +59,55 @@ class SafeDiffusionPipeline:
     """Text-to-image sampling where every method (CFG, negative prompt, SLD, SP-Guard) shares one loop.
 
     Each denoising step makes one UNet call on one batch: [null rows, prompt rows, concept rows].
-    Null and concept embeddings are encoded once and cached.
+    Null and concept embeddings are encoded once and cached. With `text_encoder_2` and `tokenizer_2` the
+    components are SDXL's: two text encoders, pooled embeddings and time ids.
     """
 
-    def __init__(self, unet, text_encoder, tokenizer, vae, scheduler, defaults: dict | None = None):
+    def __init__(self, unet, text_encoder, tokenizer, vae, scheduler, defaults: dict | None = None,
+                 text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt: bool = False):
         self.unet, self.text_encoder, self.tokenizer, self.vae, self.scheduler = (
             unet, text_encoder, tokenizer, vae, scheduler)
-        self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt  # SDXL: the null text's embedding is 0
+        sdxl = {} if text_encoder_2 is None else {"guidance_scale": SDXL_GUIDANCE_SCALE}
+        self.defaults = {**FALLBACK_DEFAULTS, **sdxl, **(defaults or {})}
         factor = getattr(vae.config, "factor", None)  # spguard's pixel-unshuffle autoencoder says so
         self.vae_scale_factor = factor or 2 ** (len(vae.config.block_out_channels) - 1)
         self.progress_bar_config = {}
         self.warn_truncation = True  # jobs warn themselves, naming a prompt by its index in the job
         self._text_cache: dict = {}
+        self._interrupt = False
 
     # ----------------------------------------------------------------------------------------------
     # Construction
     @classmethod
-    def from_components(cls, *, unet, text_encoder, tokenizer, vae, scheduler, defaults=None):
-        return cls(unet, text_encoder, tokenizer, vae, scheduler, defaults)
+    def from_components(cls, *, unet, text_encoder, tokenizer, vae, scheduler, defaults=None, **sdxl):
+        """The components of a Stable Diffusion model; SDXL's add text_encoder_2, tokenizer_2 and
+        force_zeros_for_empty_prompt."""
+        return cls(unet, text_encoder, tokenizer, vae, scheduler, defaults, **sdxl)
 
     @classmethod
     def from_pipe(cls, pipe, defaults=None):
-        """Share the components of a diffusers Stable Diffusion pipeline (no copies)."""
-        return cls(*(getattr(pipe, name) for name in COMPONENTS), defaults=defaults)
+        """Share the components of a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline (no copies)."""
+        sdxl = {name: getattr(pipe, name) for name in SDXL_COMPONENTS if getattr(pipe, name, None) is not None}
+        if sdxl:
+            sdxl["force_zeros_for_empty_prompt"] = pipe.config.force_zeros_for_empty_prompt
+        return cls(*(getattr(pipe, name) for name in COMPONENTS), defaults=defaults, **sdxl)
 
     @classmethod
     def from_pretrained(cls, path, torch_dtype: torch.dtype | None = None, device=None):
-        """Load a diffusers-format folder from local disk; never touches the network (see spguard.loading)."""
-        parts = load_components(path, COMPONENTS)
+        """Load a diffusers-format folder (SD 1.x/2.x or SDXL) from local disk; never touches the network
+        (see spguard.loading)."""
+        parts = load_components(path, COMPONENTS, optional=SDXL_COMPONENTS)
+        if "text_encoder_2" in parts:
+            parts["force_zeros_for_empty_prompt"] = read_index(Path(path)).get("force_zeros_for_empty_prompt", True)
         return cls(**parts, defaults=read_defaults(path)).to(device, torch_dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None):
         placement = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in (self.unet, self.text_encoder, self.vae):
-            module.to(**placement)
+        for module in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
+            if module is not None:
+                module.to(**placement)
         self._text_cache.clear()
         return self
 
@@ -99,30 +119,47 @@ class SafeDiffusionPipeline:
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    @property
+    def interrupt(self) -> bool:
+        """Set it (or diffusers' `_interrupt`) from a step callback to stop the loop after that step."""
+        return self._interrupt
+
+    @interrupt.setter
+    def interrupt(self, value: bool):
+        self._interrupt = bool(value)
+
     def set_progress_bar_config(self, **kwargs):
         self.progress_bar_config = kwargs
 
     # ----------------------------------------------------------------------------------------------
     # Text
-    def _tokenize(self, texts: list[str], max_length: int):
-        return self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                              return_tensors="pt")
+    @staticmethod
+    def _tokenize(tokenizer, texts: list[str]):
+        max_length = tokenizer.model_max_length
+        return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
 
-    def _encode(self, texts: list[str]):
-        """Embeddings and content-token masks of texts, as diffusers' StableDiffusionPipeline encodes them."""
-        max_length = self.tokenizer.model_max_length
-        tokens = self._tokenize(texts, max_length)
+    def _encode(self, texts: list[str]) -> Text:
+        """Embeddings (and SDXL's pooled embeddings) and content-token masks of texts, as diffusers'
+        StableDiffusionPipeline and StableDiffusionXLPipeline encode them."""
         if self.warn_truncation:
             for i, dropped in enumerate(self.dropped_words(texts)):
                 if dropped:
-                    logger.warning(TRUNCATION_WARNING, i, max_length, dropped)
-        mask = tokens.attention_mask.to(self.device)
-        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
-        embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask if use_mask else None)[0]
-        ids = tokens.input_ids.to(self.device)
+                    logger.warning(TRUNCATION_WARNING, i, self.tokenizer.model_max_length, dropped)
+        tokens = self._tokenize(self.tokenizer, texts)
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         special = torch.tensor(self.tokenizer.all_special_ids, device=self.device)
         content = (mask > 0) & ~torch.isin(ids, special)
-        return embeds.to(self.dtype), content
+        if self.text_encoder_2 is None:
+            use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+            embeds = self.text_encoder(ids, attention_mask=mask if use_mask else None)[0]
+            return Text(embeds.to(self.dtype), content)
+        # SDXL: both encoders' penultimate hidden states side by side, the pooled output of the last one.
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(self._tokenize(tokenizer, texts).input_ids.to(self.device), output_hidden_states=True)
+            pooled = out[0] if out[0].ndim == 2 else pooled
+            hidden.append(out.hidden_states[-2])
+        return Text(torch.cat(hidden, dim=-1).to(self.dtype), content, pooled.to(self.dtype))
 
     def dropped_words(self, texts: list[str]) -> list[str]:
         """For each text, what truncation to the text encoder's tokens drops ("" if nothing), as text: no
@@ -140,12 +177,34 @@ class SafeDiffusionPipeline:
             out.append(f"{dropped[:DROPPED_SHOWN]}... ({cut} more characters)" if cut > 0 else dropped)
         return out
 
-    def _encode_cached(self, texts: tuple[str, ...]):
+    def _encode_cached(self, texts: tuple[str, ...]) -> Text:
         """Null and concept texts repeat across calls: encode them once per device and dtype."""
         key = (texts, self.device, self.dtype)
         if key not in self._text_cache:
             self._text_cache[key] = self._encode(list(texts))
         return self._text_cache[key]
+
+    def _unconditional(self, negatives: list[str] | None, cond: Text) -> Text:
+        """The null rows: the negative prompts, else the empty text (SDXL: zeros where the model says so)."""
+        if negatives is not None:
+            return self._encode(negatives)
+        if self.force_zeros_for_empty_prompt:
+            return Text(torch.zeros_like(cond.embeds), cond.token_mask, torch.zeros_like(cond.pooled))
+        return self._encode_cached(("",)).select(torch.zeros(len(cond.embeds), dtype=torch.long, device=self.device))
+
+    def _time_ids(self, height, width, original_size, target_size, crops_coords_top_left) -> torch.Tensor | None:
+        """SDXL's micro-conditioning (original size, crop corner, target size), as diffusers builds it."""
+        if self.text_encoder_2 is None:
+            return None
+        ids = list((original_size or (height, width)) + tuple(crops_coords_top_left) + (target_size or (height, width)))
+        return torch.tensor([ids], dtype=self.dtype, device=self.device)
+
+    @staticmethod
+    def _unet_kwargs(text: Text, time_ids) -> dict:
+        kwargs = {"encoder_hidden_states": text.embeds}
+        if text.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": time_ids.expand(len(text.pooled), -1)}
+        return kwargs
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -164,30 +223,32 @@ class SafeDiffusionPipeline:
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
         report_masks: bool = False,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
     ) -> SafeDiffusionOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        method = resolve_method(method, self.defaults.get("spguard"))
+        method = resolve_method(method, self.defaults)
         steps, scale, height, width = self.check_settings(num_inference_steps, guidance_scale, height, width)
         self._check(prompts, output_type)
         batch = len(prompts)
         generator = self._generators(generator, seed, batch)
 
         # Text: [null rows, prompt rows] and the method's concepts (cached).
-        concept_texts = tuple(method.concepts or self.defaults["concepts"])
-        negatives = self._negative_prompts(negative_prompt, method, concept_texts, batch)
-        cond, _ = self._encode(prompts)
-        if negatives is None:
-            uncond = self._encode_cached(("",))[0].expand(batch, -1, -1)
-        else:
-            uncond = self._encode(negatives)[0]
-        concepts = None
-        if method.name in ("sld", "spguard"):
-            if method.name == "sld":
-                concept_texts = (", ".join(concept_texts),)
-            concepts = Concepts(concept_texts, *self._encode_cached(concept_texts))
+        default_concepts = tuple(self.defaults["concepts"])
+        negatives = self._batch_texts(method.negative_text(negative_prompt, default_concepts), batch)
+        cond = self._encode(prompts)
+        uncond = self._unconditional(negatives, cond)
+        concept_texts = tuple(method.concept_texts(default_concepts))
+        concepts = Concepts(concept_texts, self._encode_cached(concept_texts)) if concept_texts else None
+        time_ids = self._time_ids(height, width, original_size, target_size, crops_coords_top_left)
 
         # Scheduler and initial latents, as diffusers prepares them.
         self.scheduler.set_timesteps(steps, device=self.device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
         timesteps = self.scheduler.timesteps
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
@@ -198,29 +259,47 @@ class SafeDiffusionPipeline:
         step_kwargs = self._step_kwargs(generator, eta)
 
         guider = method.start(batch, len(timesteps), scale, concepts, report_masks)
-        attention = None
-        if isinstance(method, SPGuard) and method.mask == "attention":
-            attention = ConceptAttention(self.unet, method.attention_layers)
-        with attention or contextlib.nullcontext(), tqdm(total=len(timesteps), **self.progress_bar_config) as progress:
-            rows, embeds = None, torch.cat([uncond, cond])
+        callback_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs, guider)
+        self._interrupt = False
+        with guider.models(self.unet), tqdm(total=len(timesteps), **self.progress_bar_config) as progress:
+            rows = None
+            unet_kwargs = self._unet_kwargs(Text.cat([uncond, cond]), time_ids)
             for i, t in enumerate(timesteps):
                 if guider.rows is not rows:  # the rows change at most once, after phase 1
                     rows = guider.rows
-                    embeds = torch.cat([uncond, cond] + ([] if rows is None else [rows.embeds]))
+                    unet_kwargs = self._unet_kwargs(Text.cat([uncond, cond] + ([] if rows is None else [rows.text])),
+                                                    time_ids)
                 x = self.scheduler.scale_model_input(latents, t)
                 x_all = torch.cat([x, x] + ([] if rows is None else [x.index_select(0, rows.samples)]))
-                if guider.needs_attention:
-                    attention.begin(2 * batch, rows.token_mask, shape[2:])
-                noise = self.unet(x_all, t, encoder_hidden_states=embeds).sample
-                captured = attention.end() if guider.needs_attention else None
-                e_u, e_p, e_s = noise[:batch], noise[batch : 2 * batch], noise[2 * batch :]
-                eps = guider.guide(i, e_u, e_p, e_s, captured)
+                noise = self.unet(x_all, t, **unet_kwargs).sample
+                eps = guider.guide(i, noise[:batch], noise[batch : 2 * batch], noise[2 * batch :])
                 latents = self.scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+                if callback_inputs is not None:
+                    tensors = dict(latents=latents, noise_pred=eps, unet_output=noise, prompt_embeds=cond.embeds,
+                                   negative_prompt_embeds=uncond.embeds)
+                    kwargs = {k: tensors[k] if k in tensors else guider.state(k) for k in callback_inputs}
+                    latents = (callback_on_step_end(self, i, t, kwargs) or {}).get("latents", latents)
                 progress.update()
+                if self._interrupt:
+                    break
 
         images = self._decode(latents, output_type)
         reports = [Report(prompt=p, method=method.name, **r) for p, r in zip(prompts, guider.reports())]
         return SafeDiffusionOutput(images=images, reports=reports)
+
+    @staticmethod
+    def _callback_inputs(callback, names, guider) -> list[str] | None:
+        """The tensors the step callback asked for (a diffusers PipelineCallback names its own)."""
+        if callback is None:
+            return None
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            names = callback.tensor_inputs
+        allowed = CALLBACK_TENSORS + tuple(guider.state_names)
+        unknown = [k for k in names if k not in allowed]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: unknown {', '.join(unknown)}; "
+                             f"this method offers {', '.join(allowed)}")
+        return list(names)
 
     # ----------------------------------------------------------------------------------------------
     def check_settings(self, num_inference_steps=None, guidance_scale=None, height=None, width=None):
@@ -265,17 +344,13 @@ class SafeDiffusionPipeline:
         return generator_list
 
     @staticmethod
-    def _negative_prompts(negative_prompt, method, concept_texts, batch):
-        if isinstance(method, NegativePrompt):
-            if negative_prompt is not None:
-                raise ValueError("the negative-prompt method carries its own text; do not pass negative_prompt too")
-            negative_prompt = method.text if method.text is not None else ", ".join(concept_texts)
-        if negative_prompt is None:
+    def _batch_texts(texts: str | list[str] | None, batch: int) -> list[str] | None:
+        if texts is None:
             return None
-        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != batch:
-            raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
-        return negatives
+        texts = [texts] * batch if isinstance(texts, str) else list(texts)
+        if len(texts) != batch:
+            raise ValueError(f"{len(texts)} negative prompts for {batch} prompts")
+        return texts
 
     def _step_kwargs(self, generator, eta):
         accepted = inspect.signature(self.scheduler.step).parameters
@@ -289,7 +364,17 @@ class SafeDiffusionPipeline:
     def _decode(self, latents, output_type):
         if output_type == "latent":
             return latents
-        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        # SDXL's VAE overflows in fp16: diffusers' StableDiffusionXLPipeline decodes in fp32 where the VAE asks.
+        upcast = (self.text_encoder_2 is not None and self.vae.dtype == torch.float16
+                  and getattr(self.vae.config, "force_upcast", False))
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            vae_dtype = next(self.vae.parameters(), latents).dtype
+            image = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         if output_type == "np":
             return image

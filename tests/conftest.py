@@ -1,7 +1,7 @@
 import os
 
 # Triton kernels run on a CPU-only machine only under the interpreter, which must be chosen before
-# any @triton.jit decorator runs (ENVIRONMENT.md).
+# any @triton.jit decorator runs (docs/design.md, "Measured on the development machines").
 try:
     import torch
 

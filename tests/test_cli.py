@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spguard import SPGuard
-from spguard.cli import _method, main
+from spguard import SLD, NegativePrompt, SPGuard
+from spguard.cli import UsageError, _method, main
 
 from .helpers import ours
 
@@ -64,3 +64,41 @@ def test_spguard_parameters_default_to_the_model_folder(tmp_path):
     assert _method(args, str(tmp_path)) == SPGuard(t_p=6, q=0.8, harmfulness_threshold=0.1)
     args.harmfulness_threshold, args.t_drop = 0.2, 8
     assert _method(args, str(tmp_path)) == SPGuard(t_p=6, q=0.8, harmfulness_threshold=0.2, t_drop=8)
+
+
+def method_args(**given):
+    defaults = dict(method="spguard", lambda_max=None, q=None, t_p=None, mask=None, schedule=None, t_drop=None,
+                    harmfulness_threshold=None, concept=None, negative_prompt=None)
+    return argparse.Namespace(**{**defaults, **given})
+
+
+@pytest.mark.parametrize("name", ["SPGuard", "SPGUARD", "spguard"])
+def test_method_name_in_any_case_keeps_the_model_defaults_and_flags(tmp_path, name):
+    (tmp_path / "spguard.json").write_text(json.dumps({"spguard": {"t_p": 4, "q": 0.8}}))
+    assert _method(method_args(method=name, mask="attention"), str(tmp_path)) == SPGuard(t_p=4, q=0.8,
+                                                                                          mask="attention")
+
+
+def test_concept_means_what_each_method_makes_of_it():
+    concepts = ["blood", "a knife"]
+    assert _method(method_args(method="negative", concept=concepts), "tiny") == NegativePrompt("blood, a knife")
+    assert _method(method_args(method="Negative", negative_prompt="gore"), "tiny") == NegativePrompt("gore")
+    assert _method(method_args(method="sld-max", concept=concepts), "tiny") == SLD("max", concept="blood, a knife")
+    assert _method(method_args(concept=concepts), "tiny").concepts == ("blood", "a knife")
+    with pytest.raises(UsageError, match="no meaning with --method cfg"):
+        _method(method_args(method="cfg", concept=concepts), "tiny")
+    with pytest.raises(UsageError, match="give one"):
+        _method(method_args(method="negative", concept=concepts, negative_prompt="gore"), "tiny")
+
+
+def test_generate_height_width_and_negative_prompt(tmp_path):
+    out = tmp_path / "out"
+    rc = main(["generate", "a red cat", "--model", "tiny", "--method", "CFG", "--steps", "3", "--height", "16",
+               "--width", "24", "--negative-prompt", "blood", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "reports.jsonl").read_text().splitlines()[0])
+    image = np.asarray(Image.open(out / report["image"]))
+    expected = ours()(["a red cat"], seed=[0], num_inference_steps=3, method="cfg", height=16, width=24,
+                      negative_prompt="blood").images[0]
+    assert image.shape == (16, 24, 3)
+    np.testing.assert_array_equal(image, np.asarray(expected))

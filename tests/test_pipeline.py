@@ -159,3 +159,94 @@ def test_long_prompt_is_truncated_with_a_warning(caplog):
     out = ours()(long_prompt, num_inference_steps=1, seed=0, output_type="latent", method="cfg")
     assert out.images.shape[0] == 1
     assert "truncated" in caplog.text
+
+
+def test_step_callback_sees_every_step_with_the_tensors_it_asked_for():
+    pipe, seen = ours(), []
+
+    def callback(p, i, t, tensors):
+        assert p is pipe
+        seen.append((i, t, sorted(tensors), tensors["guidance_mask"].clone(), tensors["latents"].clone()))
+        return {}
+
+    out = pipe(PROMPTS, num_inference_steps=6, seed=0, output_type="latent", method=SPGuard(t_p=2, concepts="blood"),
+               callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "guidance_mask"])
+    assert [s[0] for s in seen] == list(range(6))
+    assert [int(s[1]) for s in seen] == pipe.scheduler.timesteps.tolist()
+    assert all(s[2] == ["guidance_mask", "latents"] for s in seen)
+    torch.testing.assert_close(seen[-1][4], out.images, rtol=0, atol=0)
+    assert all((s[3] == 0).all() for s in seen[:2])  # phase 1 does not guide
+    for b, report in enumerate(out.reports):  # phase 2: the mask the reports summarise
+        coverage = [(s[3][b] > 0).float().mean().item() for s in seen[2:]]
+        assert coverage == pytest.approx(report.mask_coverage if report.guided else [0.0] * 4)
+    assert any(r.guided for r in out.reports)
+
+
+def test_step_callback_may_replace_the_latents():
+    def zero_last(p, i, t, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 3 else {}
+
+    out = ours()("a red cat", num_inference_steps=4, seed=0, output_type="latent", method="cfg",
+                 callback_on_step_end=zero_last)
+    assert (out.images == 0).all()
+
+
+def test_interrupt_stops_the_loop_after_the_step():
+    pipe, steps, latents = ours(), [], []
+
+    def stop_at_2(p, i, t, tensors):
+        steps.append(i)
+        latents.append(tensors["latents"].clone())
+        p.interrupt = i == 2
+        return {}
+
+    method = SPGuard(t_p=2, concepts="blood", harmfulness_threshold=float("-inf"))
+    out = pipe(PROMPTS, num_inference_steps=8, seed=0, output_type="latent", method=method,
+               callback_on_step_end=stop_at_2)
+    assert steps == [0, 1, 2]
+    torch.testing.assert_close(out.images, latents[-1], rtol=0, atol=0)
+    assert all(r.guided_steps == [2] and len(r.mask_coverage) == 1 for r in out.reports)
+    # The next call starts afresh and runs every step.
+    again = pipe(PROMPTS, num_inference_steps=8, seed=0, output_type="latent", method=method)
+    assert all(r.guided_steps == list(range(2, 8)) for r in again.reports)
+
+
+def test_step_callback_rejects_unknown_tensor_names():
+    with pytest.raises(ValueError, match="guidance_mask"):  # CFG offers no mask: the error lists what it has
+        ours()("a red cat", num_inference_steps=1, method="cfg", callback_on_step_end=lambda *a: {},
+               callback_on_step_end_tensor_inputs=["guidance_mask"])
+
+
+def test_sampling_loop_names_no_method():
+    import ast
+    import inspect
+    import textwrap
+
+    from spguard import methods
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(SafeDiffusionPipeline.__call__)))
+    body = tree.body[0].body
+    names = {n.id for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+    names |= {n.attr for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Attribute)}
+    strings = {n.value for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Constant)}
+    assert not names & {"CFG", "NegativePrompt", "SLD", "SPGuard", "ConceptAttention"}
+    assert not strings & (set(methods.METHOD_NAMES) | {"sld", "attention", "noise"})
+    assert "isinstance" not in names or all(  # isinstance only on the prompt
+        ast.unparse(c.args[0]) == "prompt" for stmt in body for c in ast.walk(stmt)
+        if isinstance(c, ast.Call) and getattr(c.func, "id", None) == "isinstance")
+
+
+@pytest.mark.parametrize("preset", ["weak", "max"])
+def test_reports_name_the_sld_preset(preset):
+    out = ours()("a red cat", num_inference_steps=1, seed=0, output_type="latent", method=f"sld-{preset}")
+    assert out.reports[0].method == f"sld-{preset}"
+    assert SLD(preset).name == f"sld-{preset}"
+
+
+def test_negative_method_takes_the_given_negative_prompt():
+    kwargs = dict(num_inference_steps=STEPS, output_type="np")
+    expected = diffusers_pipe()(PROMPTS, negative_prompt=["blood", "a knife"], generator=gen(1), **kwargs).images
+    got = ours()(PROMPTS, method="negative", negative_prompt=["blood", "a knife"], generator=gen(1), **kwargs)
+    np.testing.assert_allclose(got.images, expected, atol=TIGHT)
+    with pytest.raises(ValueError, match="already carries its text"):
+        ours()(PROMPTS, method=spguard.NegativePrompt("gore"), negative_prompt="blood", **kwargs)

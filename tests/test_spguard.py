@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
 from spguard import SPGuard
 from spguard.attention import ConceptAttention
 from spguard.ops import reference
@@ -62,35 +64,22 @@ def test_mixed_batch_rows_equal_each_row_alone(mask):
         assert batch.reports[k].harmfulness == pytest.approx(alone.reports[0].harmfulness, abs=1e-5)
 
 
-class Recorder(torch.nn.Module):
-    """Wraps the UNet and records each call's noise estimates."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet, self.outputs = unet, []
-
-    def forward(self, *args, **kwargs):
-        out = self.unet(*args, **kwargs)
-        self.outputs.append(out.sample.clone())
-        return out
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.unet, name)
+def record_unet_outputs(outputs: list):
+    """A step callback that keeps each step's UNet output on [null, prompt, concept rows]."""
+    def callback(pipe, i, t, tensors):
+        outputs.append(tensors["unet_output"].clone())
+        return {}
+    return dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["unet_output"])
 
 
 def test_harmfulness_equals_hand_computation():
-    pipe = ours()
-    recorder = Recorder(components()["unet"])
-    pipe.unet = recorder
+    outputs = []
     concepts = ["a knife", "blood", "a peaceful garden"]
     t_p, batch = 4, len(MIXED)
-    out = pipe(MIXED, method=SPGuard(t_p=t_p, concepts=concepts), num_inference_steps=6, seed=0,
-               output_type="latent")
+    out = ours()(MIXED, method=SPGuard(t_p=t_p, concepts=concepts), num_inference_steps=6, seed=0,
+                 output_type="latent", **record_unet_outputs(outputs))
     sims = torch.zeros(batch, len(concepts))
-    for noise in recorder.outputs[:t_p]:
+    for noise in outputs[:t_p]:
         e_u, e_p = noise[:batch], noise[batch : 2 * batch]
         e_s = noise[2 * batch :].view(batch, len(concepts), *noise.shape[1:])
         for j in range(len(concepts)):
@@ -101,7 +90,7 @@ def test_harmfulness_equals_hand_computation():
         assert r.concept == concepts[argmax[k]]
     # Phase 2 evaluates one concept row per guided sample, none for the others.
     guided = sum(r.guided for r in out.reports)
-    assert [o.shape[0] for o in recorder.outputs] == [batch * (2 + len(concepts))] * t_p + [2 * batch + guided] * 2
+    assert [o.shape[0] for o in outputs] == [batch * (2 + len(concepts))] * t_p + [2 * batch + guided] * 2
 
 
 def test_noise_mask_selects_exactly_above_the_q_quantile():
@@ -111,7 +100,7 @@ def test_noise_mask_selects_exactly_above_the_q_quantile():
     _, weight = reference.phase2_step(e_u, e_p, e_s, torch.ones(2), 7.5, q)
     for b in range(2):
         magnitude = (e_s[b] - e_u[b]).abs().numpy()
-        eta = np.quantile(magnitude, q, method="lower")  # sorted[floor(q (n-1))], SPEC.md's definition
+        eta = np.quantile(magnitude, q, method="lower")  # sorted[floor(q (n-1))], docs/design.md, "The quantile"
         np.testing.assert_array_equal(weight[b].numpy() > 0, magnitude > eta)
     assert (weight[weight > 0] >= 1).all() and (weight <= 2).all()  # M = 1 + |psi| inside R
 
@@ -123,14 +112,16 @@ def test_attention_capture_leaves_unet_output_unchanged():
     expected = unet(x, t, encoder_hidden_states=embeds).sample
     token_mask = torch.zeros(2, 77, dtype=torch.bool)
     token_mask[:, 1:4] = True
-    with ConceptAttention(unet) as capture:
-        capture.begin(3, token_mask, (16, 16))
+    processors = dict(unet.attn_processors)
+    with ConceptAttention(unet, first_row=3) as capture:
+        capture.begin(token_mask, (16, 16))
         got = unet(x, t, encoder_hidden_states=embeds).sample
-        attention = capture.end()
+        attention = capture.take()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert attention.shape == (2, 256)
     assert ((attention >= 0) & (attention <= 1 + 1e-6)).all()  # a share of softmax mass
-    assert all(type(p).__name__ != "_Processor" for p in unet.attn_processors.values())
+    assert unet.attn_processors == processors
+    assert not any(m._forward_hooks for m in unet.modules())  # the hooks are gone
 
 
 def test_mask_snapshots_and_report_json():
@@ -141,3 +132,79 @@ def test_mask_snapshots_and_report_json():
             steps = list(r.mask_snapshots)
             assert steps[0] == 3 and steps[-1] == STEPS - 1
             assert np.array(r.mask_snapshots[3]).shape == (16, 16)
+
+
+def reference_attention_map(unet, first_row, token_mask, size, call):
+    """Eq.-free oracle of the capture: each cross-attention layer's own q and k (recorded by hooks of this
+    test), reduced by the torch reference, resized to the latent grid, averaged over layers."""
+    seen, handles = [], []
+    for module in unet.modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            record = {"heads": module.heads}
+            seen.append(record)
+            handles += [module.to_q.register_forward_hook(lambda m, i, o, r=record: r.setdefault("q", o)),
+                        module.to_k.register_forward_hook(lambda m, i, o, r=record: r.setdefault("k", o))]
+    try:
+        call()
+    finally:
+        for h in handles:
+            h.remove()
+    maps = []
+    for r in seen:
+        q, k = (r[x][first_row:].unflatten(-1, (r["heads"], -1)).transpose(1, 2) for x in ("q", "k"))
+        a = reference.cross_attention_aggregate(q, k, token_mask)
+        side = int(round((a.shape[1] * size[1] / size[0]) ** 0.5))
+        grid = (a.shape[1] // side, side)
+        maps.append(F.interpolate(a.view(-1, 1, *grid), size=size, mode="bilinear", align_corners=False)[:, 0])
+    return torch.stack(maps).mean(0).flatten(1)
+
+
+def test_attention_capture_equals_reference_of_the_layers_own_q_and_k():
+    parts = components()
+    unet, embeds = parts["unet"], torch.randn(5, 77, 32)
+    x, t = torch.randn(5, 4, 16, 16), torch.tensor(500)
+    token_mask = torch.zeros(2, 77, dtype=torch.bool)
+    token_mask[0, 1:4] = token_mask[1, 2:9] = True
+    with ConceptAttention(unet, first_row=3) as capture:
+        capture.begin(token_mask, (16, 16))
+        unet(x, t, encoder_hidden_states=embeds)
+        got = capture.take()
+    expected = reference_attention_map(unet, 3, token_mask, (16, 16),
+                                       lambda: unet(x, t, encoder_hidden_states=embeds))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+class CountingProcessor(AttnProcessor2_0):
+    """A user's own processor: diffusers' SDPA, counting its calls."""
+
+    calls = 0
+
+    def __call__(self, *args, **kwargs):
+        CountingProcessor.calls += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_attention_mask_keeps_a_users_processor_installed_and_running():
+    method = SPGuard(t_p=3, mask="attention", concepts=CONCEPT)
+    before = run(MIXED, method)
+    assert any(r.guided for r in before.reports)
+    unet = ours().unet  # the UNet run() samples with
+    original = dict(unet.attn_processors)
+    users = {name: CountingProcessor() for name in original}
+    unet.set_attn_processor(dict(users))
+    CountingProcessor.calls = 0
+    try:
+        after = run(MIXED, method)
+        assert CountingProcessor.calls == STEPS * len(users)  # every layer, every step, phase 2 included
+        assert all(unet.attn_processors[name] is proc for name, proc in users.items())
+    finally:
+        unet.set_attn_processor(original)
+    np.testing.assert_allclose(after.images, before.images, atol=TIGHT)
+    assert [r.mask_coverage for r in after.reports] == [r.mask_coverage for r in before.reports]
+
+
+def test_attention_layers_string_is_one_name():
+    assert SPGuard(attention_layers="up").attention_layers == ("up",)
+    unet = components()["unet"]
+    capture = ConceptAttention(unet, SPGuard(attention_layers="up_blocks").attention_layers)
+    assert capture.modules and all(name.startswith("up_blocks") for name, _ in capture.modules)

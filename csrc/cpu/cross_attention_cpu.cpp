@@ -1,5 +1,5 @@
-// CPU implementation of the cross-attention aggregation (SPEC.md op 1; the oracle is
-// cross_attention_aggregate in spguard/ops/reference.py):
+// CPU implementation of the cross-attention aggregation (docs/design.md, "The fused operations", op 1;
+// the oracle is cross_attention_aggregate in spguard/ops/reference.py):
 //   A[b, l] = mean_h sum_{k masked} softmax_k(q[b,h,l] . k[b,h,k] / sqrt(d))
 // computed one query row at a time, so the (B, heads, L, K) probabilities never exist in memory.
 #include <ATen/Dispatch.h>

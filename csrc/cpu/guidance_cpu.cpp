@@ -1,5 +1,5 @@
-// CPU implementation of the phase-1 and phase-2 guidance steps (SPEC.md ops 2 and 3; the oracle is
-// spguard/ops/reference.py). Inputs fp32/fp16/bf16, math and accumulation in fp32.
+// CPU implementation of the phase-1 and phase-2 guidance steps (docs/design.md, "The fused operations",
+// ops 2 and 3; the oracle is spguard/ops/reference.py). Inputs fp32/fp16/bf16, math and accumulation in fp32.
 //
 // Work is split into fixed-size chunks of one sample, independent of the thread count, and per-chunk
 // partial sums are combined in chunk order, so results do not depend on how many threads ran.

@@ -1,4 +1,4 @@
-// CUDA cross-attention aggregation (docs/design.md, "Fused operations", op 1; oracle:
+// CUDA cross-attention aggregation (docs/design.md, "The fused operations", op 1; oracle:
 // spguard/ops/reference.py cross_attention_aggregate).
 // A[b, l] = mean_h sum_{k masked} softmax_k(q[b,h,l] . k[b,h,k] / sqrt(d)). One thread per query row, one
 // block per (row block, sample). Each head's keys are staged in shared memory one tile of tokens at a time,

@@ -1,4 +1,4 @@
-// CUDA phase-1 step (SPEC.md op 2; oracle: spguard/ops/reference.py phase1_step).
+// CUDA phase-1 step (docs/design.md, "The fused operations", op 2; oracle: spguard/ops/reference.py phase1_step).
 // One block per (chunk, sample) writes eps (Eq. 1) and its chunk's partial dot(d_p, d_s[j]), |d_p|^2 and
 // |d_s[j]|^2 (Eq. 6), reading each input once; a second kernel sums the partials in chunk order
 // (deterministic, no atomics, no host synchronisation).

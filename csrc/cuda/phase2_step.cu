@@ -1,4 +1,4 @@
-// CUDA phase-2 step (SPEC.md op 3; oracle: spguard/ops/reference.py phase2_step).
+// CUDA phase-2 step (docs/design.md, "The fused operations", op 3; oracle: spguard/ops/reference.py phase2_step).
 //
 // Passes over the latents: two with the noise mask, one with the attention mask. eta, the per-sample
 // q-quantile of |d_s| over C*H*W, is an order statistic, so no element's membership is known before all

@@ -166,18 +166,21 @@ def _dispatch(op: str, *args):
 
 
 def cross_attention_aggregate(q: Tensor, k: Tensor, token_mask: Tensor) -> Tensor:
-    """A (B, L) fp32: attention of q on the masked tokens of k, mean over heads (SPEC.md op 1)."""
+    """A (B, L) fp32: attention of q on the masked tokens of k, mean over heads
+    (docs/design.md, "The fused operations", op 1)."""
     return _dispatch("cross_attention_aggregate", q, k, token_mask)
 
 
 def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
-    """(eps, dot(d_p, d_s) (B, N), |d_p|^2 (B,), |d_s|^2 (B, N)): SP-Guard phase 1 (SPEC.md op 2)."""
+    """(eps, dot(d_p, d_s) (B, N), |d_p|^2 (B,), |d_s|^2 (B, N)): SP-Guard phase 1
+    (docs/design.md, "The fused operations", op 2)."""
     return _dispatch("phase1_step", e_u, e_p, e_s, float(guidance_scale))
 
 
 def phase2_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, strength: Tensor, guidance_scale: float, q: float,
                 attention: Tensor | None = None):
-    """(eps, M): SP-Guard phase 2 with the noise mask, or the attention mask when given (SPEC.md op 3)."""
+    """(eps, M): SP-Guard phase 2 with the noise mask, or the attention mask when given
+    (docs/design.md, "The fused operations", op 3)."""
     return _dispatch("phase2_step", e_u, e_p, e_s, strength, float(guidance_scale), float(q), attention)
 
 

@@ -1,4 +1,5 @@
-"""Input factories shared by the op tests and the kernel benchmarks (SPEC.md shapes)."""
+"""Input factories shared by the op tests and the kernel benchmarks (SD-1.5 shapes, docs/design.md,
+"The fused operations")."""
 
 from __future__ import annotations
 

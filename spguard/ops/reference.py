@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the three fused operations (SPEC.md, "The fused operations").
+"""Plain-PyTorch reference of the three fused operations (docs/design.md, "The fused operations").
 
 This module is the single home of the guidance math: the C++, CUDA and Triton kernels are faster
 copies of these functions and are tested against them. Equation numbers refer to the SP-Guard paper
@@ -15,7 +15,7 @@ from torch import Tensor
 
 
 def quantile_index(q: float, n: int) -> int:
-    """Index of the q-quantile among n ascending-sorted values (SPEC.md: floor(q * (n - 1))).
+    """Index of the q-quantile among n ascending-sorted values (docs/design.md, "The quantile": floor(q * (n - 1))).
 
     Computed once on the host, in Python floats, so every backend uses the same index.
     """

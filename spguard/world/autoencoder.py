@@ -1,9 +1,9 @@
 """A parameter-free "autoencoder" that folds 2x2 pixel blocks into channels (32x32x3 <-> 16x16x12).
 
 Diffusing in this unshuffled pixel space is about 2.5x faster to train on a CPU than at 32x32x3
-(ENVIRONMENT.md) while staying exactly invertible. The class mimics diffusers' AutoencoderKL
-interface (`config.scaling_factor`, `encode(x).latent_dist`, `decode(z).sample`, images in [-1, 1]),
-so a Stable Diffusion style pipeline can use it unchanged; `config.factor` is its spatial factor.
+(docs/design.md, "Training the shapes model") while staying exactly invertible. The class mimics
+diffusers' AutoencoderKL interface (`config.scaling_factor`, `encode(x).latent_dist`, `decode(z).sample`,
+images in [-1, 1]), so a Stable Diffusion style pipeline can use it unchanged; `config.factor` is its spatial factor.
 """
 
 from __future__ import annotations

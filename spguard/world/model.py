@@ -1,6 +1,7 @@
 """The shapes world's text-to-image model: a small CLIP text encoder and a conditional UNet that
-diffuse in 2x2-unshuffled pixel space, with v-prediction on a cosine schedule (ENVIRONMENT.md: epsilon
-prediction on this schedule drifted to noise; v-prediction learned). Also the plain CFG sampler used
+diffuse in 2x2-unshuffled pixel space, with v-prediction on a cosine schedule
+(docs/design.md, "Training the shapes model": epsilon prediction on this schedule drifted to noise;
+v-prediction learned). Also the plain CFG sampler used
 by training's evaluations, so they need nothing beyond this package.
 """
 

@@ -51,14 +51,15 @@ LOSS_LOG_EVERY = 50  # steps between rows of the loss log
 EVAL_SEED = 1234  # the evaluation prompts and their noise are fixed, so evaluations compare over time
 # Measured on the packaged weights (9,000 steps), 96 held-out prompts: benign objects in colour and place /
 # unsafe recall / false unsafe were 100% / 100% / 0% at guidance 1.0 and 1.25, 99% / 81% / 3% at 1.5 and
-# 45% / 50% / 14% at 2.0 (at 3 and 4 colours leave the palette). ENVIRONMENT.md's "2-4 looked best" was
+# 45% / 50% / 14% at 2.0 (at 3 and 4 colours leave the palette). docs/design.md's "2-4 looked better" was
 # seen at 1.5k steps and does not hold for the trained model.
 EVAL_GUIDANCE_SCALES = (1.0, 1.25, 1.5, 2.0)
 EVAL_UNSAFE_SHARE = 1 / 3
 EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) so early weights fade fast
 FINAL_LR_SHARE = 0.1  # cosine decay of the learning rate ends at this share of the peak
 GRAD_CLIP = 1.0
-# About 2.7 h at batch 64 on 2 free cores (ENVIRONMENT.md: ~60 images/s for this model size).
+# About 2.7 h at batch 64 on 2 free cores (docs/design.md, "Training the shapes model": ~60 images/s for
+# this model size).
 DEFAULT_STEPS = 9000
 # Settings fixed when a run starts; a resumed run takes them from its checkpoint.
 RUN_SETTINGS = ("batch_size", "seed", "lr", "warmup", "ema_decay", "caption_dropout", "eval_every",
