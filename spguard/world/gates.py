@@ -103,9 +103,10 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
     concepts = list(pipe.defaults["concepts"])
     prompts = [s.caption for s in scenes]
     batch, n_c = len(scenes), len(concepts)
-    cond, _ = pipe._encode(prompts)
-    uncond = pipe._encode([""])[0].expand(batch, -1, -1)
-    concept_embeds, concept_tokens = pipe._encode(concepts)
+    cond = pipe._encode(prompts).embeds
+    uncond = pipe._encode([""]).embeds.expand(batch, -1, -1)
+    concept_text = pipe._encode(concepts)
+    concept_embeds, concept_tokens = concept_text.embeds, concept_text.token_mask
     generator = [torch.Generator().manual_seed(seed + k) for k in range(batch)]
     pipe.scheduler.set_timesteps(setting.steps, device=pipe.device)
     size = IMAGE_SIZE // pipe.vae_scale_factor
@@ -121,12 +122,12 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
             return
         rows = torch.cat([uncond, cond, concept_embeds.repeat(batch, 1, 1)])
         x_all = torch.cat([x, x, x.repeat_interleave(n_c, 0)])
-        capture = ConceptAttention(pipe.unet) if i == setting.t_p else None
+        capture = ConceptAttention(pipe.unet, first_row=2 * batch) if i == setting.t_p else None
         if capture is not None:
             with capture:
-                capture.begin(2 * batch, concept_tokens.repeat(batch, 1), (size, size))
+                capture.begin(concept_tokens.repeat(batch, 1), (size, size))
                 out = pipe.unet(x_all, t, encoder_hidden_states=rows).sample
-                state["attention"] = capture.end().view(batch, n_c, size, size)
+                state["attention"] = capture.take().view(batch, n_c, size, size)
         else:
             out = pipe.unet(x_all, t, encoder_hidden_states=rows).sample
         e_u, e_p, e_s = out[:batch], out[batch : 2 * batch], out[2 * batch :].unflatten(0, (batch, n_c))
