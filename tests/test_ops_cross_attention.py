@@ -110,9 +110,10 @@ def test_sd15_attention_mask_capture(backend):
     with torch.no_grad():
         for name in ("torch", backend):
             with use_backend(name), ConceptAttention(unet) as capture:
-                capture.begin(0, token_mask, (64, 64))
+                capture.begin(token_mask, (64, 64))
                 unet(latents, 500, text)
-                maps[name] = capture.end()
-            assert capture.layers == SD15_CROSS_ATTENTION_LAYERS
+                layers = capture.layers
+                maps[name] = capture.take()
+            assert layers == SD15_CROSS_ATTENTION_LAYERS
     assert maps[backend].shape == (1, 64 * 64) and maps["torch"].std() > 0
     torch.testing.assert_close(maps[backend], maps["torch"], rtol=0, atol=1e-5)
