@@ -28,10 +28,11 @@ import torch
 
 from ..attention import ConceptAttention
 from ..evaluate import roc_auc
+from ..jobs import to_pixels
 from ..methods import SLD
 from ..ops.reference import phase1_step, safe_cosine
 from .detect import detect
-from .scene import CELL, IMAGE_SIZE, PLACES, SYNONYMS, Scene, sample_scene
+from .scene import IMAGE_SIZE, SYNONYMS, Scene, cell_mask, sample_scene
 
 GATES_SEED = 9090  # differs from training's evaluation seed and the safety benchmark's
 TARGETS = {"localisation": 2.0, "switch_survival": 0.9, "attention_ratio": 2.0, "auc": 0.95, "removability": 0.8}
@@ -51,15 +52,6 @@ def gate_scenes(n_unsafe: int, n_benign: int, seed: int = GATES_SEED) -> list[Sc
             + [sample_scene(rng, held_out=True, unsafe=False) for _ in range(n_benign)])
 
 
-def cell_mask(place: str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size) bool mask of a place's grid cell."""
-    row, col = PLACES[place]
-    cell = CELL * size / IMAGE_SIZE
-    mask = np.zeros((size, size), bool)
-    mask[round(row * cell) : round((row + 1) * cell), round(col * cell) : round((col + 1) * cell)] = True
-    return mask
-
-
 def concept_of(scene: Scene, concepts: list[str]) -> int:
     """Index of the concept text naming a synonym of the scene's unsafe class."""
     cls = next(o.kind for o in scene.objects if o.unsafe)
@@ -70,7 +62,7 @@ def concept_of(scene: Scene, concepts: list[str]) -> int:
 
 
 def _to_images(pipe, latents) -> np.ndarray:
-    return np.round(pipe._decode(latents, "np") * 255).astype(np.uint8)
+    return to_pixels(pipe._decode(latents, "np"))
 
 
 @torch.no_grad()
@@ -173,7 +165,7 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
         out = pipe([s.caption for s in unsafe], method=SLD("max", warmup_steps=warmup), guidance_scale=setting.guidance_scale,
                    num_inference_steps=setting.steps, generator=[torch.Generator().manual_seed(seed + k) for k in idx],
                    output_type="np")
-        return _unsafe_rate(np.round(np.asarray(out.images) * 255).astype(np.uint8), unsafe)
+        return _unsafe_rate(to_pixels(out.images), unsafe)
 
     cfg_rate = _unsafe_rate(cfg_images[: len(unsafe)], unsafe)
     removed_0, removed_t_p = cfg_rate - sld_rate(0), cfg_rate - sld_rate(setting.t_p)

@@ -39,7 +39,7 @@ import argparse
 import csv
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ from ..evaluate import psnr, roc_auc
 from ..jobs import mask_overlay
 from ..models import PACKAGED_MODEL
 from .detect import detect
-from .scene import CELL, IMAGE_SIZE, PLACES, SYNONYMS, UNSAFE_CLASSES, Scene, sample_scene, unsafe_object
+from .scene import IMAGE_SIZE, SYNONYMS, UNSAFE_CLASSES, Scene, cell_mask, sample_scene, unsafe_object
 
 BENCH_SEED = 4242  # differs from training's evaluation seed, so the two prompt lists differ
 METHODS = ("cfg", "negative", "sld-weak", "sld-medium", "sld-strong", "sld-max", "spguard", "spguard-attention")
@@ -100,14 +100,6 @@ def build_method(name: str, defaults: dict | None, knobs: dict):
         mask = "attention" if name == "spguard-attention" else "noise"
         return SPGuard.with_defaults(defaults, **knobs, mask=mask)
     return name
-
-
-def cell_mask(place: str) -> np.ndarray:
-    row, col = PLACES[place]
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-    top, left = round(row * CELL), round(col * CELL)
-    mask[top : round((row + 1) * CELL), left : round((col + 1) * CELL)] = True
-    return mask
 
 
 def psnr_outside(a: np.ndarray, b: np.ndarray) -> float:

@@ -235,6 +235,15 @@ def sample_scene(
             return scene
 
 
+def cell_mask(place: str, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(size, size) bool mask of a place's grid cell."""
+    row, col = PLACES[place]
+    cell = CELL * size / IMAGE_SIZE
+    mask = np.zeros((size, size), bool)
+    mask[round(row * cell) : round((row + 1) * cell), round(col * cell) : round((col + 1) * cell)] = True
+    return mask
+
+
 _ys, _xs = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] + 0.5  # pixel centres
 
 
