@@ -46,7 +46,7 @@ def _generate_parser(sub):
     spg.add_argument("--lambda-max", type=float, default=None, help="(4.0)")
     spg.add_argument("--q", type=float, default=None, help="(0.9)")
     spg.add_argument("--t-p", type=int, default=None, help="(10)")
-    spg.add_argument("--mask", choices=("noise", "attention"), default=None, help="(noise)")
+    spg.add_argument("--mask", choices=methods.MASKS, default=None, help="(noise)")
     spg.add_argument("--schedule", choices=("step", "cosine"), default=None, help="(step)")
     spg.add_argument("--t-drop", type=int, default=None, help="step where lambda drops to 1 (half of the steps)")
     spg.add_argument("--harmfulness-threshold", type=float, default=None,

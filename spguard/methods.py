@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import ops
 from .attention import ConceptAttention
-from .ops.reference import safe_cosine
+from .ops.reference import aligned_scores, safe_cosine
 
 # The concept Safe Latent Diffusion ships (Schramowski et al., CVPR 2023; diffusers'
 # StableDiffusionPipelineSafe); SP-Guard's default too, so the two methods compare.
@@ -232,6 +232,12 @@ class _SLDGuider(Guider):
                  "mask_coverage": []} for _ in range(self.batch_size)]
 
 
+# SP-Guard's region R (docs/design.md, "The masks"): "noise", the paper's Eq. 8 (|d_s| above its
+# q-quantile); "attention", the concept tokens' cross-attention above its q-quantile; "aligned", the
+# pixels where |d_s| * max(0, psi) is above its q-quantile (ops.reference.aligned_scores).
+MASKS = ("noise", "attention", "aligned")
+
+
 @dataclass(frozen=True)
 class SPGuard:
     """SP-Guard: selective, prompt-adaptive safe guidance (Yu & Moon, arXiv 2511.11014).
@@ -245,7 +251,7 @@ class SPGuard:
     lambda_max: float = 4.0
     q: float = 0.9
     t_p: int = 10
-    mask: str = "noise"  # "noise" (Eq. 8) or "attention" (cross-attention of the concept tokens)
+    mask: str = "noise"  # one of MASKS
     concepts: str | Sequence[str] | None = None  # None: the model's default concepts, else SLD_CONCEPT
     schedule: str = "step"  # lambda(i): "step" (the paper's default) or "cosine"
     t_drop: int | None = None  # the step schedule drops to 1.0 here; None: half of the steps
@@ -264,8 +270,8 @@ class SPGuard:
         threshold = self.harmfulness_threshold  # ±inf are meaningful: guide every prompt, or none
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
             raise ValueError(f"harmfulness_threshold must be a number, got {threshold!r}")
-        if self.mask not in ("noise", "attention"):
-            raise ValueError(f"mask must be 'noise' or 'attention', got {self.mask!r}")
+        if self.mask not in MASKS:
+            raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if isinstance(self.concepts, str):
@@ -357,10 +363,14 @@ class _SPGuardGuider(Guider):
             return eps
         a = self.active
         strength = self.m.strength(i, self.num_steps) * self.active_p_plus  # Eq. 7
-        attention = None if self.capture is None else self.capture.take()
-        eps_a, weight = ops.phase2_step(
-            e_u.index_select(0, a), e_p.index_select(0, a), e_s, strength, self.guidance_scale, self.m.q, attention
-        )
+        e_u_a, e_p_a = e_u.index_select(0, a), e_p.index_select(0, a)
+        if self.m.mask == "attention":
+            scores = self.capture.take()
+        elif self.m.mask == "aligned":
+            scores = aligned_scores(e_u_a, e_p_a, e_s)
+        else:
+            scores = None  # the noise mask: the op takes R on |d_s| itself
+        eps_a, weight = ops.phase2_step(e_u_a, e_p_a, e_s, strength, self.guidance_scale, self.m.q, scores)
         self.weight = weight
         self.coverage[:, i].index_copy_(0, a, (weight > 0).flatten(1).float().mean(1))
         if i in self.snapshot_steps:

@@ -35,7 +35,7 @@ def generate(backend, mask, device):
 
 
 @pytest.mark.parametrize("backend", backend_params("cpp", "cuda", "triton"))
-@pytest.mark.parametrize("mask", ["noise", "attention"])
+@pytest.mark.parametrize("mask", ["noise", "attention", "aligned"])
 def test_generation_matches_torch_backend(backend, mask):
     device = backend_device(backend)
     expected = generate("torch", mask, device)

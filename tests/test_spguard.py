@@ -54,7 +54,7 @@ def test_benign_rows_equal_cfg_and_harmful_rows_are_guided():
             assert r.guided_steps == [] and r.mask_coverage == []
 
 
-@pytest.mark.parametrize("mask", ["noise", "attention"])
+@pytest.mark.parametrize("mask", ["noise", "attention", "aligned"])
 def test_mixed_batch_rows_equal_each_row_alone(mask):
     method = SPGuard(t_p=3, mask=mask, concepts=CONCEPT)
     batch = run(MIXED, method)
@@ -103,6 +103,37 @@ def test_noise_mask_selects_exactly_above_the_q_quantile():
         eta = np.quantile(magnitude, q, method="lower")  # sorted[floor(q (n-1))], docs/design.md, "The quantile"
         np.testing.assert_array_equal(weight[b].numpy() > 0, magnitude > eta)
     assert (weight[weight > 0] >= 1).all() and (weight <= 2).all()  # M = 1 + |psi| inside R
+
+
+def test_aligned_mask_selects_where_the_prompt_draws_the_concept():
+    # Per pixel: d_s large everywhere; d_p along d_s on the "aligned" pixels, against it on the pixels
+    # where d_s is largest (a benign object the concept would repaint), orthogonal to it elsewhere.
+    torch.manual_seed(0)
+    B, C, H, W = 2, 4, 6, 8
+    e_u = torch.randn(B, C, H, W)
+    d_s = torch.randn(B, C, H, W)
+    d_s[:, :, :2] *= 3  # rows 0-1: the largest concept directions
+    d_s[:, :, 4:] *= 2
+    d_p = torch.randn(B, C, H, W)
+    d_p -= (d_p * d_s).sum(1, keepdim=True) / d_s.square().sum(1, keepdim=True) * d_s  # orthogonal to d_s
+    d_p[:, :, :2] = -d_s[:, :, :2]  # ... which the prompt opposes
+    d_p[:, :, 4:] = 2 * d_s[:, :, 4:]  # rows 4-5: the prompt draws what the concept would
+    e_p, e_s = e_u + d_p, e_u + d_s
+    q = 0.665  # 16 of the 48 pixels above the quantile (docs/design.md, "The quantile"): rows 4-5
+    scores = reference.aligned_scores(e_u, e_p, e_s)
+    _, weight = reference.phase2_step(e_u, e_p, e_s, torch.ones(B), 7.5, q, scores)
+    for b in range(B):
+        dp, ds = d_p[b].numpy(), d_s[b].numpy()
+        cos = (dp * ds).sum(0) / np.sqrt((dp**2).sum(0) * (ds**2).sum(0))
+        expected = np.sqrt((ds**2).sum(0)) * np.maximum(cos, 0)
+        np.testing.assert_allclose(scores[b].view(H, W).numpy(), expected, rtol=1e-5, atol=1e-6)
+        eta = np.quantile(expected, q, method="lower")
+        region = weight[b].numpy() > 0
+        assert (region == (expected > eta)[None]).all()  # the same pixels on every channel
+        assert not region[:, :2].any() and region[:, 4:].all()
+    # The paper's noise mask, on |d_s| alone, covers the opposed rows more than the aligned ones.
+    _, noise_weight = reference.phase2_step(e_u, e_p, e_s, torch.ones(B), 7.5, q)
+    assert (noise_weight[:, :, :2] > 0).float().mean() > (noise_weight[:, :, 4:] > 0).float().mean()
 
 
 def test_attention_capture_leaves_unet_output_unchanged():

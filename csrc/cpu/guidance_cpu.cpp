@@ -283,11 +283,12 @@ void phase2_tile(const S* u, const S* p, const S* s, int64_t stride, const float
   }
 }
 
-// Phase 2 makes two passes over the latents with the noise mask and one with the attention mask.
+// Phase 2 makes two passes over the latents with the noise mask and one with a per-pixel score map
+// (the attention or the aligned mask).
 // The threshold eta is an order statistic of all C*H*W values of |d_s|, so no element's membership is
 // known before every element has been seen: pass 1 reads e_u and e_s and writes the order-preserving
 // keys of |d_s| (4 bytes/element, cache-resident at SD-1.5 sizes); a histogram radix select on them
-// finds eta; pass 2 reads the three inputs and writes eps and M. With the attention mask, eta comes
+// finds eta; pass 2 reads the three inputs and writes eps and M. With a score map, eta comes
 // from the (B, H*W) map alone, so the latents are read once.
 template <bool kAttention, typename S>
 void phase2_kernel(const S* u, const S* p, const S* s, const float* strength, const float* eta,
@@ -368,9 +369,9 @@ std::tuple<at::Tensor, at::Tensor> phase2_step_cpu(const at::Tensor& e_u, const 
   auto eta = at::empty({B}, u.options().dtype(at::kFloat));
   at::Tensor attn32;
   if (attention.has_value()) {
-    TORCH_CHECK(attention->numel() == B * hw, "spguard: attention must be (B, H*W)");
+    TORCH_CHECK(attention->numel() == B * hw, "spguard: pixel_scores must be (B, H*W)");
     attn32 = attention->to(at::kFloat).contiguous();
-    // The attention map's own bits serve as keys: the select reads them through ordered_key.
+    // The score map's own bits serve as keys: the select reads them through ordered_key.
     std::unique_ptr<uint32_t[]> keys(new uint32_t[B * hw]);
     const float* a = attn32.const_data_ptr<float>();
     for (int64_t i = 0; i < B * hw; ++i) keys[i] = ordered_key(a[i]);

@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> phase2_step_cuda(const at::Tensor& e_u, const
   const auto strength32 = strength.to(at::kFloat).contiguous();
   at::Tensor attn32;
   if (attention.has_value()) {
-    TORCH_CHECK(attention->numel() == B * hw, "spguard: attention must be (B, H*W)");
+    TORCH_CHECK(attention->numel() == B * hw, "spguard: pixel_scores must be (B, H*W)");
     attn32 = attention->to(at::kFloat).contiguous();
   }
   const int64_t n = attention.has_value() ? hw : C * hw;  // values the quantile is taken over

@@ -1,12 +1,13 @@
 // CUDA phase-2 step (docs/design.md, "The fused operations", op 3; oracle: spguard/ops/reference.py phase2_step).
 //
-// Passes over the latents: two with the noise mask, one with the attention mask. eta, the per-sample
-// q-quantile of |d_s| over C*H*W, is an order statistic, so no element's membership is known before all
-// elements are seen: pass 1 reads e_u and e_s and writes the order-preserving keys of |d_s| (4 bytes per
-// element; L2-resident at SD-1.5 sizes); a radix select on those keys finds eta exactly, in three
-// histogram rounds of 11, 11 and 10 bits (each reads only the keys, keeps its state on the device: no
-// host synchronisation); pass 2 reads the three inputs, forms psi per pixel over the channels (Eq. 8),
-// M, mu (Eq. 7) and eps (Eq. 2, 3). With the attention mask the keys come from the (B, H*W) map.
+// Passes over the latents: two with the noise mask, one with a per-pixel score map (the attention or
+// the aligned mask). eta, the per-sample q-quantile of |d_s| over C*H*W, is an order statistic, so no
+// element's membership is known before all elements are seen: pass 1 reads e_u and e_s and writes the
+// order-preserving keys of |d_s| (4 bytes per element; L2-resident at SD-1.5 sizes); a radix select on
+// those keys finds eta exactly, in three histogram rounds of 11, 11 and 10 bits (each reads only the keys,
+// keeps its state on the device: no host synchronisation); pass 2 reads the three inputs, forms psi per
+// pixel over the channels (Eq. 8), M, mu (Eq. 7) and eps (Eq. 2, 3). With a score map the keys come from
+// the (B, H*W) map.
 #include <algorithm>
 
 #include "../ordered_key.h"

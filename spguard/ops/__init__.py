@@ -178,10 +178,10 @@ def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
 
 
 def phase2_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, strength: Tensor, guidance_scale: float, q: float,
-                attention: Tensor | None = None):
-    """(eps, M): SP-Guard phase 2 with the noise mask, or the attention mask when given
-    (docs/design.md, "The fused operations", op 3)."""
-    return _dispatch("phase2_step", e_u, e_p, e_s, strength, float(guidance_scale), float(q), attention)
+                pixel_scores: Tensor | None = None):
+    """(eps, M): SP-Guard phase 2 with the noise mask, or with the region taken on a per-pixel score map
+    when given (the attention or the aligned mask; docs/design.md, "The fused operations", op 3)."""
+    return _dispatch("phase2_step", e_u, e_p, e_s, strength, float(guidance_scale), float(q), pixel_scores)
 
 
 __all__ = [

@@ -62,6 +62,22 @@ def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
     return eps, dot, sq_p, sq_s
 
 
+def aligned_scores(e_u: Tensor, e_p: Tensor, e_s: Tensor) -> Tensor:
+    """The aligned mask's per-pixel scores (B, H*W) fp32: |d_s| over the channels times max(0, psi).
+
+    Large where the concept's direction is large (the paper's noise mask, Eq. 8) and the prompt's
+    direction points the same way, i.e. where the prompt draws what the concept would; where the two
+    disagree (a benign object the concept text would repaint) the score is 0 (docs/design.md, "The
+    aligned mask": a departure from the paper).
+    """
+    u = e_u.float()
+    d_p = e_p.float() - u  # Eq. 5
+    d_s = e_s.float() - u
+    sq_s = d_s.square().sum(1)
+    psi = safe_cosine((d_p * d_s).sum(1), d_p.square().sum(1), sq_s)  # Eq. 8's psi, (B, H, W)
+    return (sq_s.sqrt() * psi.clamp(min=0)).flatten(1)
+
+
 def phase2_step(
     e_u: Tensor,
     e_p: Tensor,
@@ -69,14 +85,15 @@ def phase2_step(
     strength: Tensor,
     guidance_scale: float,
     q: float,
-    attention: Tensor | None = None,
+    pixel_scores: Tensor | None = None,
 ):
     """SP-Guard phase 2 (steps i >= t_p): selective, prompt-adaptive safe guidance.
 
     e_u, e_p, e_s: (B, C, H, W), e_s for the concept chosen at the end of phase 1.
     strength: (B,) fp32, lambda(i) * P+ for each sample (Eq. 7 without the mask).
-    attention: None for the noise mask (Eq. 8), or (B, H*W) aggregated concept-token attention
-    for the cross-attention mask.
+    pixel_scores: None for the noise mask (Eq. 8), or a (B, H*W) map whose top share (above its
+    q-quantile) is the region on every channel: the aggregated concept-token attention (the attention
+    mask) or `aligned_scores` (the aligned mask).
     Returns eps (B, C, H, W) in the input dtype and the weight M (B, C, H, W) fp32, 0 outside R.
     """
     B, C, H, W = e_u.shape
@@ -85,13 +102,13 @@ def phase2_step(
     d_s = e_s.float() - u
     # psi: per-pixel cosine over channels (Eq. 8).
     psi = safe_cosine((d_p * d_s).sum(1), d_p.square().sum(1), d_s.square().sum(1))  # (B, H, W)
-    if attention is None:
+    if pixel_scores is None:
         # Region R: |d_s| above its per-sample q-quantile (Eq. 8).
         magnitude = d_s.abs().reshape(B, -1)
         region = (magnitude > _threshold(magnitude, q)).reshape(B, C, H, W)
     else:
-        attn = attention.float().reshape(B, -1)
-        region = (attn > _threshold(attn, q)).reshape(B, 1, H, W).expand(B, C, H, W)
+        scores = pixel_scores.float().reshape(B, -1)
+        region = (scores > _threshold(scores, q)).reshape(B, 1, H, W).expand(B, C, H, W)
     weight = region * (1 + psi.abs())[:, None]  # M (Eq. 8 as printed: 1 + max(0, |psi|))
     mu = strength.float()[:, None, None, None] * weight  # Eq. 7
     eps = (u + guidance_scale * (d_p - mu * d_s)).to(e_u.dtype)  # Eq. 2, 3

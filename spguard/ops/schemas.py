@@ -21,7 +21,7 @@ SCHEMAS = {
     "phase1_step": "phase1_step(Tensor e_u, Tensor e_p, Tensor e_s, float guidance_scale)"
                    " -> (Tensor, Tensor, Tensor, Tensor)",
     "phase2_step": "phase2_step(Tensor e_u, Tensor e_p, Tensor e_s, Tensor strength, float guidance_scale,"
-                   " float q, Tensor? attention) -> (Tensor, Tensor)",
+                   " float q, Tensor? pixel_scores) -> (Tensor, Tensor)",
 }
 
 _LIBRARY = torch.library.Library("spguard", "DEF")
@@ -64,7 +64,7 @@ def phase1_step_problem(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: f
 
 
 def phase2_step_problem(e_u: Tensor, e_p: Tensor, e_s: Tensor, strength: Tensor, guidance_scale: float, q: float,
-                        attention: Tensor | None = None) -> str | None:
+                        pixel_scores: Tensor | None = None) -> str | None:
     if e_u.dim() != 4 or e_p.shape != e_u.shape or e_s.shape != e_u.shape:
         return (f"e_u, e_p, e_s must be (B, C, H, W) alike, got {tuple(e_u.shape)}, {tuple(e_p.shape)}, "
                 f"{tuple(e_s.shape)}")
@@ -75,9 +75,9 @@ def phase2_step_problem(e_u: Tensor, e_p: Tensor, e_s: Tensor, strength: Tensor,
         return f"strength must have one value per sample ({B}), got {tuple(strength.shape)}"
     if not 0.0 <= q <= 1.0:
         return f"q must be in [0, 1], got {q}"
-    if attention is not None and attention.numel() != B * H * W:
-        return f"attention must be (B, H*W) = {(B, H * W)}, got {tuple(attention.shape)}"
-    extra = (strength,) if attention is None else (strength, attention)
+    if pixel_scores is not None and pixel_scores.numel() != B * H * W:
+        return f"pixel_scores must be (B, H*W) = {(B, H * W)}, got {tuple(pixel_scores.shape)}"
+    extra = (strength,) if pixel_scores is None else (strength, pixel_scores)
     return _dtype_problem(e_u, e_p, e_s) or _device_problem(e_u, e_p, e_s, *extra)
 
 
@@ -105,8 +105,8 @@ def phase1_step_fake(e_u, e_p, e_s, guidance_scale):
             torch.empty((B,), **f32), torch.empty((B, N), **f32))
 
 
-def phase2_step_fake(e_u, e_p, e_s, strength, guidance_scale, q, attention):
-    _require("phase2_step", phase2_step_problem(e_u, e_p, e_s, strength, guidance_scale, q, attention))
+def phase2_step_fake(e_u, e_p, e_s, strength, guidance_scale, q, pixel_scores):
+    _require("phase2_step", phase2_step_problem(e_u, e_p, e_s, strength, guidance_scale, q, pixel_scores))
     return (torch.empty_like(e_u, memory_format=torch.contiguous_format),
             torch.empty_like(e_u, dtype=torch.float32, memory_format=torch.contiguous_format))
 
