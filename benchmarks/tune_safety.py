@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=PACKAGED_MODEL)
     p.add_argument("--grid", required=True, help="JSON object: SPGuard field -> list of values")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--benign", type=int, default=48, help="benign tuning prompts (before dropping benchmark ones)")
+    p.add_argument("--unsafe", type=int, default=36, help="unsafe tuning prompts (cycling the 9 synonyms)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("out/tune_safety.csv"))
     args = p.parse_args()
@@ -50,7 +52,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     run_args = SimpleNamespace(batch_size=64, steps=None, guidance_scale=None)
     benchmark = {s.caption for s in safety_bench.bench_scenes(16, 18)}
-    scenes = [s for s in safety_bench.bench_scenes(16, 18, seed=TUNE_SEED) if s.caption not in benchmark]
+    scenes = [s for s in safety_bench.bench_scenes(args.benign, args.unsafe, seed=TUNE_SEED) if s.caption not in benchmark]
     cases = [safety_bench.Case(scene, seed) for scene in scenes for seed in range(args.seeds)]
 
     def show(summary):

@@ -206,13 +206,17 @@ def test_evaluate_replaces_the_checkpoint_steps_rows(tiny_run, tmp_path):
 def test_export_writes_a_loadable_diffusers_folder(tiny_run):
     from diffusers import DiffusionPipeline
 
-    from spguard.world import train
+    from spguard.models import PACKAGED_MODEL
+    from spguard.world import export, model, train
 
     run, folder = tiny_run
     defaults = json.loads((folder / "spguard.json").read_text())
     assert defaults["guidance_scale"] in train.EVAL_GUIDANCE_SCALES and defaults["height"] == defaults["width"] == 32
-    assert defaults["concepts"] == ["a knife, a weapon", "blood"]
+    assert defaults["concepts"] == model.DEFAULT_CONCEPTS and defaults["spguard"] == export.SPGUARD_DEFAULTS
     assert defaults["spguard"]["t_p"] < defaults["num_inference_steps"] // 2
+    # The packaged folder carries the same defaults (its spguard.json is not rewritten without a re-export).
+    packaged = json.loads((PACKAGED_MODEL / "spguard.json").read_text())
+    assert packaged["concepts"] == model.DEFAULT_CONCEPTS and packaged["spguard"] == export.SPGUARD_DEFAULTS
 
     class Pipeline(DiffusionPipeline):  # the components a Stable Diffusion style pipeline takes
         def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
@@ -262,12 +266,13 @@ def test_safety_bench_writes_table_plot_and_contact_sheet(tiny_run, tmp_path, ca
 
     _, folder = tiny_run
     argv = ["--model", str(folder), "--out", str(tmp_path), "--benign", "2", "--unsafe", "2", "--seeds", "1",
-            "--steps", "3", "--t-p", "1", "--methods", "sld-max,spguard,spguard-attention"]
+            "--steps", "3", "--t-p", "1", "--methods", "sld-max,spguard-aligned,spguard-attention"]
     assert safety_bench.main(argv) == 0
     with (tmp_path / "safety_bench.csv").open(newline="") as f:
         table = list(csv.DictReader(f))
-    assert [r["method"] for r in table] == ["cfg", "sld-max", "spguard", "spguard-attention"]
-    assert {"unsafe_rate", "unsafe_named", "unsafe_unnamed", "psnr_outside", "benign_kept"} <= set(table[0])
+    assert [r["method"] for r in table] == ["cfg", "sld-max", "spguard-aligned", "spguard-attention"]
+    assert {"unsafe_rate", "unsafe_named", "unsafe_unnamed", "psnr_outside", "psnr_guided", "benign_kept"} <= set(table[0])
+    assert table[1]["psnr_guided"] == table[1]["psnr_outside"]  # SLD guides every prompt
     assert float(table[0]["psnr_outside"]) == safety_bench.PSNR_IDENTICAL  # CFG against itself
     assert (tmp_path / "safety_vs_preservation.png").stat().st_size > 0
     assert (tmp_path / "contact_sheet.png").stat().st_size > 0

@@ -27,19 +27,24 @@ from .scene import IMAGE_SIZE
 SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they are stored in fp16
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
-# SP-Guard's knobs for this model, chosen by benchmarks/tune_safety.py (2 seeds, prompts disjoint from the
-# safety benchmark's) on the world-v2 weights at guidance 1.25 (README "The embedded model" has the figures):
-# - t_p: phase 1 at the paper's share of the steps (t_p = 10 of T = 50).
-# - harmfulness_threshold: the 95th percentile of benign P on the tuning prompts (0.186), rounded up. Benign
-#   P spreads around 0 here, so the paper's P+ > 0 rule would guide about a quarter of benign prompts.
-# - mask: noise (Eq. 8). This small model's cross-attention is nearly uniform over the tokens (the concept
-#   nouns draw 1.01x their image mean in the unsafe object's cell), so the attention mask has no signal.
-# - lambda_max 16, no drop to 1.0 (t_drop = T): P+ of unsafe prompts is about 0.1-0.3 here, so the paper's
-#   lambda_max = 4 gives strengths under 1.2; with the drop, the prompt redraws in the late steps what phase 2
-#   faded. Tuning: unsafe rate 0.611 / 0.528 / 0.528 at lambda_max 8 / 16 / 32 (SLD-max 0.611), benign objects
-#   kept 0.71 / 0.63 / 0.60; q 0.95-0.97 changed little.
-SPGUARD_DEFAULTS = {"t_p": DEFAULT_INFERENCE_STEPS // 5, "harmfulness_threshold": 0.19, "mask": "noise",
-                    "lambda_max": 16.0, "t_drop": DEFAULT_INFERENCE_STEPS}
+# SP-Guard's knobs for this model, chosen with benchmarks/tune_safety.py and benchmarks/diagnose_spguard.py on
+# prompts disjoint from the safety benchmark's, on the world-v2 weights at guidance 1.25 (README, "The
+# embedded model", has the figures; the concepts are model.DEFAULT_CONCEPTS):
+# - t_p 5 (a quarter of the steps; the paper's share is a fifth): on 34 tuning prompts x 4 seeds the ROC AUC
+#   of P rises from 0.891 at t_p 4 to 0.929 at 5 (0.942 at 6, where removal weakens).
+# - harmfulness_threshold 0.28: benign P's 95th percentile varies between prompt sets (0.171 on the default
+#   tuning prompts, 0.260 on 188 others of seed 6161, whose 97th percentile is 0.276); the paper's P+ > 0
+#   rule would guide about a third of benign prompts here, as benign P spreads around 0.
+# - mask: aligned (docs/design.md, "The aligned mask"). With the noise mask (Eq. 8) a quarter of the guided
+#   region lay on benign objects and 30% of them were erased; the attention mask has no signal, as this small
+#   model's cross-attention is nearly uniform over the tokens (1.01x its image mean in the unsafe object's cell).
+# - q 0.97 and the cosine schedule: at lambda_max 16 (34 prompts x 4 seeds, threshold 0.16) unsafe rate 0.653,
+#   PSNR outside 51.1 dB, benign objects kept 0.958; the step schedule at q 0.95: 0.431, 46.6 dB, 0.930.
+# - lambda_max 32: with the default tuning prompts (2 seeds) the unsafe rate is 0.611 / 0.556 / 0.472 at
+#   lambda_max 16 / 24 / 32 (SLD-max 0.486), PSNR outside 59.9 / 57.2 / 55.3 dB (SLD-medium 45.4), benign
+#   objects kept 0.986 / 0.971 / 0.943 (SLD-medium 1.000); 32 is the least that is within 0.05 of SLD-max.
+SPGUARD_DEFAULTS = {"t_p": 5, "harmfulness_threshold": 0.28, "mask": "aligned", "lambda_max": 32.0, "q": 0.97,
+                    "schedule": "cosine"}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],

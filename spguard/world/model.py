@@ -27,8 +27,9 @@ LATENT_SIZE = IMAGE_SIZE // UNSHUFFLE_FACTOR
 # The diffusion process, shared by training (DDPM) and sampling (DDIM).
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
 # The unsafe concepts a model folder's pipeline guides against by default: they name only some
-# synonyms, so benchmarks measure whether guidance generalises to the others.
-DEFAULT_CONCEPTS = ["a knife, a weapon", "blood"]
+# synonyms, so benchmarks measure whether guidance generalises to the others. Two synonyms each: with
+# "blood" alone the ROC AUC of P at t_p 5 was 0.900, with "blood, a wound" 0.929 (tuning prompts, 4 seeds).
+DEFAULT_CONCEPTS = ["a knife, a weapon", "blood, a wound"]
 # A training run's folder: its checkpoint (model, EMA, optimizer, RNG states, step) and its logs.
 CHECKPOINT = "checkpoint.pt"
 EVAL_LOG = "eval.csv"
