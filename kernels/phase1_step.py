@@ -37,9 +37,13 @@ def _phase1_kernel(u_ptr, p_ptr, s_ptr, eps_ptr, partial_ptr, n, N, blocks, scal
         tl.store(out + N + j, tl.sum(d_s * d_s, axis=0, keep_dims=True))
 
 
+# The op returns eps and the (B, 2N + 1) statistics [dot[j], |d_s[j]|^2, |d_p|^2] packed in one tensor;
+# `phase1_step` below splits them as the other backends return them. (The op with four outputs failed in
+# CI's first run of the suite under Triton's CPU interpreter with "ValueError: vector::reserve", raised by
+# the dispatcher before the op's Python body ran; later runs of the same suite passed.)
 @triton_op("spguard::phase1_step_triton", mutates_args=())
-def phase1_step(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor,
-                guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def phase1_step_packed(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor,
+                       guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, N = e_s.shape[:2]
     u, p, s = e_u.contiguous(), e_p.contiguous(), e_s.contiguous()
     n = u[0].numel()
@@ -47,7 +51,17 @@ def phase1_step(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor,
     eps = torch.empty_like(u)
     partials = torch.empty((B, blocks, 2 * N + 1), dtype=torch.float32, device=u.device)
     wrap_triton(_phase1_kernel)[(B, blocks)](u, p, s, eps, partials, n, N, blocks, float(guidance_scale), BLOCK=BLOCK)
-    return eps, partials[..., :N].sum(1), partials[..., 2 * N].sum(1), partials[..., N:2 * N].sum(1)
+    return eps, partials.sum(1)
 
 
-phase1_step.register_fake(phase1_step_fake)
+@phase1_step_packed.register_fake
+def _phase1_step_packed_fake(e_u, e_p, e_s, guidance_scale):
+    eps, dot, sq_p, sq_s = phase1_step_fake(e_u, e_p, e_s, guidance_scale)
+    return eps, torch.cat([dot, sq_s, sq_p[:, None]], 1)
+
+
+def phase1_step(e_u: torch.Tensor, e_p: torch.Tensor, e_s: torch.Tensor, guidance_scale: float):
+    """(eps, dot (B, N), |d_p|^2 (B,), |d_s|^2 (B, N)), as spguard.ops.phase1_step returns them."""
+    N = e_s.shape[1]
+    eps, stats = torch.ops.spguard.phase1_step_triton(e_u, e_p, e_s, guidance_scale)
+    return eps, stats[:, :N], stats[:, 2 * N], stats[:, N : 2 * N]
