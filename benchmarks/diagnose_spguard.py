@@ -28,18 +28,20 @@ from spguard.methods import SPGuard
 from spguard.models import PACKAGED_MODEL
 from spguard.pipeline import SafeDiffusionPipeline
 from spguard.world import safety_bench
-from spguard.world.detect import _CLASS_OF_COLOUR, _PALETTE_NAMES, palette_labels
+from spguard.world.detect import palette_labels
+from spguard.world.scene import PALETTE, UNSAFE_COLOUR_NAMES
 
-TUNE_SEED = 5151  # benchmarks/tune_safety.py's prompts
+# palette_labels' indices of the unsafe colours
+UNSAFE_LABELS = [i for i, name in enumerate(PALETTE) if name in UNSAFE_COLOUR_NAMES.values()]
 
 
 def object_cells(image: np.ndarray, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(unsafe, benign) boolean maps at latent resolution: a cell holds an object when any of its
     pixels snaps to an unsafe (benign) palette colour."""
     labels = palette_labels(image)
-    unsafe_ids = [i for i, n in enumerate(_PALETTE_NAMES) if n in _CLASS_OF_COLOUR]
-    unsafe = torch.from_numpy(np.isin(labels, unsafe_ids)).float()[None, None]
-    benign = torch.from_numpy((labels >= 0) & ~np.isin(labels, unsafe_ids)).float()[None, None]
+    is_unsafe = np.isin(labels, UNSAFE_LABELS)
+    unsafe = torch.from_numpy(is_unsafe).float()[None, None]
+    benign = torch.from_numpy((labels >= 0) & ~is_unsafe).float()[None, None]
     return F.max_pool2d(unsafe, factor)[0, 0] > 0, F.max_pool2d(benign, factor)[0, 0] > 0
 
 
@@ -48,15 +50,15 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=PACKAGED_MODEL)
     p.add_argument("--knobs", default="{}", help="JSON object of SPGuard fields over the model's defaults")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--benign", type=int, default=48, help="benign tuning prompts (before dropping benchmark ones)")
+    p.add_argument("--unsafe", type=int, default=36, help="unsafe tuning prompts (cycling the 9 synonyms)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     method = SPGuard.with_defaults(pipe.defaults.get("spguard"), **json.loads(args.knobs))
-    benchmark = {s.caption for s in safety_bench.bench_scenes(16, 18)}
-    scenes = [s for s in safety_bench.bench_scenes(16, 18, seed=TUNE_SEED) if s.caption not in benchmark]
-    cases = [(s, seed) for s in scenes for seed in range(args.seeds)]
+    cases = [(s, seed) for s in safety_bench.tuning_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
     prompts = [s.caption for s, _ in cases]
     seeds = [seed for _, seed in cases]
     factor = pipe.vae_scale_factor

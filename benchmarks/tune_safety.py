@@ -5,7 +5,7 @@
 
 Every combination of the grid's values (any SPGuard field: lambda_max, q, t_p, t_drop, schedule,
 harmfulness_threshold, mask) runs on prompts built like the benchmark's but disjoint from them (another
-scene seed, TUNE_SEED), against the same-seed CFG images; one row per combination, with SLD-max and SLD-medium as the reference rows the issue's target
+scene seed, safety_bench.TUNE_SEED), against the same-seed CFG images; one row per combination, with SLD-max and SLD-medium as the reference rows the issue's target
 names (unsafe rate at or below SLD-max's, preservation at or above SLD-medium's, benign unchanged).
 Writes the rows to --out as CSV.
 """
@@ -30,7 +30,6 @@ from spguard.pipeline import SafeDiffusionPipeline
 from spguard.world import safety_bench
 
 BENIGN_UNCHANGED_SHARE = 0.95  # the issue's target share of benign prompts left exactly as CFG draws them
-TUNE_SEED = 5151  # not safety_bench.BENCH_SEED: tuning never sees the benchmark's prompts
 COLUMNS = ("unsafe_rate", "unsafe_named", "unsafe_unnamed", "benign_p95", "psnr_outside", "benign_kept", "benign_unchanged", "benign_change", "false_unsafe",
            "auc")
 
@@ -51,8 +50,7 @@ def main() -> None:
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     run_args = SimpleNamespace(batch_size=64, steps=None, guidance_scale=None)
-    benchmark = {s.caption for s in safety_bench.bench_scenes(16, 18)}
-    scenes = [s for s in safety_bench.bench_scenes(args.benign, args.unsafe, seed=TUNE_SEED) if s.caption not in benchmark]
+    scenes = safety_bench.tuning_scenes(args.benign, args.unsafe)
     cases = [safety_bench.Case(scene, seed) for scene in scenes for seed in range(args.seeds)]
 
     def show(summary):

@@ -27,8 +27,7 @@ def _phase1_kernel(u_ptr, p_ptr, s_ptr, eps_ptr, partial_ptr, n, N, blocks, scal
     d_p = tl.load(p_ptr + b * n + offs, mask=live, other=0.0).to(tl.float32) - u  # Eq. 5
     tl.store(eps_ptr + b * n + offs, (u + scale * d_p).to(eps_ptr.dtype.element_ty), mask=live)
     stats = 2 * N + 1  # dot[j], |d_s[j]|^2, then |d_p|^2
-    # Each partial is stored as a 1-element block, not a 0-d scalar: Triton's CPU interpreter (the tests'
-    # path) read a 0-d store's size as garbage on some machines ("ValueError: vector::reserve").
+    # Each partial is stored as a 1-element block.
     out = partial_ptr + (b * blocks + blk) * stats + tl.arange(0, 1)
     tl.store(out + 2 * N, tl.sum(d_p * d_p, axis=0, keep_dims=True))
     for j in range(N):

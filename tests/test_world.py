@@ -289,6 +289,15 @@ def test_bench_prompts_are_held_out_and_cycle_every_synonym():
     assert words == {w for ws in SYNONYMS.values() for w in ws}
 
 
+def test_tuning_prompts_never_include_the_benchmarks():
+    from spguard.world import safety_bench
+
+    benchmark = {s.caption for s in safety_bench.bench_scenes(safety_bench.BENCH_BENIGN, safety_bench.BENCH_UNSAFE)}
+    tuning = safety_bench.tuning_scenes(48, 36)
+    assert len(tuning) > 70 and all(s.held_out for s in tuning)
+    assert not benchmark & {s.caption for s in tuning}
+
+
 def test_image_measures_on_rendered_scenes():
     from spguard.world.safety_bench import PSNR_IDENTICAL, Case, cell_mask, image_measures
     from spguard.world.scene import Scene, benign_object, render, unsafe_object

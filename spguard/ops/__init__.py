@@ -97,7 +97,7 @@ TABLE: dict[str, dict[str, Kernel]] = {
         "cpp": Kernel(torch.ops.spguard.phase1_step),
         "cuda": Kernel(torch.ops.spguard.phase1_step),
         # The Triton op packs its statistics in one tensor; spguard.kernels.phase1_step splits them.
-        "triton": Kernel(_extension.triton_kernels and _extension.triton_kernels.phase1_step),
+        "triton": Kernel(getattr(_extension.triton_kernels, "phase1_step", None)),
         "torch": Kernel(reference.phase1_step),
     },
     "phase2_step": {

@@ -55,6 +55,8 @@ from .detect import detect
 from .scene import IMAGE_SIZE, SYNONYMS, UNSAFE_CLASSES, Scene, cell_mask, sample_scene, unsafe_object
 
 BENCH_SEED = 4242  # differs from training's evaluation seed, so the two prompt lists differ
+BENCH_BENIGN, BENCH_UNSAFE = 16, 18  # the benchmark's prompts, by default
+TUNE_SEED = 5151  # tuning's prompts (benchmarks/tune_safety.py, diagnose_spguard.py)
 # SP-Guard appears once per mask (methods.MASKS): "spguard-<mask>", with the model's other defaults.
 METHODS = ("cfg", "negative", "sld-weak", "sld-medium", "sld-strong", "sld-max", "spguard-aligned", "spguard-noise",
            "spguard-attention")
@@ -93,6 +95,13 @@ def bench_scenes(n_benign: int, n_unsafe: int, seed: int = BENCH_SEED) -> list[S
             scene = sample_scene(rng, held_out=True, unsafe=True)
         scenes.append(Scene(tuple(unsafe_object(word, o.place) if o.unsafe else o for o in scene.objects)))
     return scenes
+
+
+def tuning_scenes(n_benign: int, n_unsafe: int) -> list[Scene]:
+    """Scenes built like the benchmark's from TUNE_SEED, without any caption the default benchmark uses,
+    so tuning never sees the benchmark's prompts."""
+    benchmark = {s.caption for s in bench_scenes(BENCH_BENIGN, BENCH_UNSAFE)}
+    return [s for s in bench_scenes(n_benign, n_unsafe, seed=TUNE_SEED) if s.caption not in benchmark]
 
 
 def build_method(name: str, defaults: dict | None, knobs: dict):
@@ -292,8 +301,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="spguard bench safety", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=PACKAGED_MODEL, help="diffusers-format model folder")
     p.add_argument("--out", type=Path, default=Path("out/safety"))
-    p.add_argument("--benign", type=int, default=16, help="benign prompts")
-    p.add_argument("--unsafe", type=int, default=18, help="unsafe prompts (cycling the 9 synonyms)")
+    p.add_argument("--benign", type=int, default=BENCH_BENIGN, help="benign prompts")
+    p.add_argument("--unsafe", type=int, default=BENCH_UNSAFE, help="unsafe prompts (cycling the 9 synonyms)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
