@@ -234,7 +234,8 @@ class _SLDGuider(Guider):
 
 # SP-Guard's region R (docs/design.md, "The masks"): "noise", the paper's Eq. 8 (|d_s| above its
 # q-quantile); "attention", the concept tokens' cross-attention above its q-quantile; "aligned", the
-# pixels where |d_s| * max(0, psi) is above its q-quantile (ops.reference.aligned_scores).
+# pixels where |d_s| * max(0, psi), summed over the phase-2 steps so far, is above its q-quantile
+# (ops.reference.aligned_scores; docs/design.md, "The aligned mask").
 MASKS = ("noise", "attention", "aligned")
 
 
@@ -329,6 +330,7 @@ class _SPGuardGuider(Guider):
         self.snapshots = None  # (B, S, H, W), allocated at the first phase-2 step
         self.active = None  # samples guided in phase 2, known after phase 1
         self.weight = None  # this step's M of the active samples (phase 2)
+        self.aligned_sum = None  # the aligned mask's scores summed over the phase-2 steps so far
         self.capture = None  # the attention capture, while models() holds it
         self.steps_run = 0
 
@@ -368,6 +370,8 @@ class _SPGuardGuider(Guider):
             scores = self.capture.take()
         elif self.m.mask == "aligned":
             scores = aligned_scores(e_u_a, e_p_a, e_s)
+            self.aligned_sum = scores if self.aligned_sum is None else self.aligned_sum.add_(scores)
+            scores = self.aligned_sum
         else:
             scores = None  # the noise mask: the op takes R on |d_s| itself
         eps_a, weight = ops.phase2_step(e_u_a, e_p_a, e_s, strength, self.guidance_scale, self.m.q, scores)

@@ -136,6 +136,33 @@ def test_aligned_mask_selects_where_the_prompt_draws_the_concept():
     assert (noise_weight[:, :, :2] > 0).float().mean() > (noise_weight[:, :, 4:] > 0).float().mean()
 
 
+def test_aligned_region_ranks_the_scores_summed_over_phase2():
+    # The guider's aligned region at step i is the top share of aligned_scores summed over steps t_p..i
+    # (docs/design.md, "The aligned mask"), checked against a numpy sum of the reference scores.
+    from spguard.methods import Concepts, Text
+
+    torch.manual_seed(0)
+    B, C, H, W, steps, t_p, q = 2, 4, 6, 8, 5, 1, 0.75
+    concepts = Concepts(("c",), Text(torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)))
+    method = SPGuard(mask="aligned", t_p=t_p, q=q, harmfulness_threshold=float("-inf"))
+    guider = method.start(B, steps, 7.5, concepts)
+    total = np.zeros((B, H * W))
+    regions_differ = False
+    for i in range(steps):
+        e_u, e_p, e_s = torch.randn(B, C, H, W), torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+        guider.guide(i, e_u, e_p, e_s)
+        if i < t_p:
+            continue
+        step_scores = reference.aligned_scores(e_u, e_p, e_s).numpy()
+        total += step_scores
+        region = guider.state("guidance_mask")[:, 0].flatten(1).numpy() > 0
+        for b in range(B):
+            np.testing.assert_array_equal(region[b], total[b] > np.quantile(total[b], q, method="lower"))
+            regions_differ |= not np.array_equal(
+                region[b], step_scores[b] > np.quantile(step_scores[b], q, method="lower"))
+    assert regions_differ  # the running sum chose other pixels than the step's own scores would
+
+
 def test_attention_capture_leaves_unet_output_unchanged():
     parts = components()
     unet, embeds = parts["unet"], torch.randn(5, 77, 32)

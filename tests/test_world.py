@@ -150,6 +150,38 @@ def test_detector_ignores_noise_and_reads_float_images():
     assert sorted(d.key for d in detect(image / 255.0)) == sorted(o.key for o in scene.objects)
 
 
+@pytest.mark.parametrize("colour", [(40, 80, 230), (30, 30, 60), (230, 40, 40), (75, 185, 185)])
+def test_detector_sees_a_recoloured_knife_by_its_shape(colour):
+    # Guidance can recolour a blade without removing it: blue, near black, red, or its own teal.
+    rng = np.random.default_rng(0)
+    for place in ("top left", "center", "bottom right"):
+        scene = Scene((unsafe_object("knife", place),))
+        image, masks = render(scene, rng)
+        image[masks[0]] = colour
+        assert [d.kind for d in detect(image)] == ["weapon"], (place, colour)
+
+
+@pytest.mark.parametrize("colour", [(166, 63, 123), (142, 102, 177), (202, 76, 137), (185, 95, 185)])
+def test_detector_sees_blood_in_a_shifted_colour(colour):
+    # Colours SP-Guard's guidance gave blood splatters on the shapes model (median pixel of each splatter):
+    # outside the unsafe colour's snap distance, yet nearer its hue than any other palette colour's.
+    scene = Scene((unsafe_object("blood", "center"), benign_object("green", "circle", "top left")))
+    image, masks = render(scene, np.random.default_rng(0))
+    image[masks[0]] = colour
+    assert sorted(d.key[::2] for d in detect(image)) == [("blood", "center"), ("circle", "top left")]
+
+
+def test_no_benign_shape_in_any_benign_colour_reads_as_unsafe():
+    from spguard.world.scene import BENIGN_COLOURS, PLACES, SHAPES
+
+    rng = np.random.default_rng(0)
+    for colour in BENIGN_COLOURS:
+        for shape in SHAPES:
+            for place in PLACES:
+                found = detect(render(Scene((benign_object(colour, shape, place),)), rng)[0])
+                assert [d.key for d in found] == [(shape, colour, place)]
+
+
 def test_autoencoder_round_trips_exactly(tmp_path):
     vae = PixelUnshuffleAutoencoder()
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -43,6 +43,10 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 # - lambda_max 32: with the default tuning prompts (2 seeds) the unsafe rate is 0.611 / 0.556 / 0.472 at
 #   lambda_max 16 / 24 / 32 (SLD-max 0.486), PSNR outside 59.9 / 57.2 / 55.3 dB (SLD-medium 45.4), benign
 #   objects kept 0.986 / 0.971 / 0.943 (SLD-medium 1.000); 32 is the least that is within 0.05 of SLD-max.
+# - The figures above were judged by colour alone. Judged by shape too (docs/design.md, "The detector"), no
+#   setting tried removes what SLD-max removes: phase 2 recolours the unsafe object (README, "The embedded
+#   model"). The aligned mask's region now ranks scores summed over phase 2 (same figures, benign objects
+#   kept 1.000 instead of 0.943 at threshold 0.2 on the default tuning prompts, colour-judged).
 SPGUARD_DEFAULTS = {"t_p": 5, "harmfulness_threshold": 0.28, "mask": "aligned", "lambda_max": 32.0, "q": 0.97,
                     "schedule": "cosine"}
 SPGUARD_CONFIG = "spguard.json"
