@@ -28,26 +28,25 @@ SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they 
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
 # SP-Guard's knobs for this model, chosen with benchmarks/tune_safety.py and benchmarks/diagnose_spguard.py on
-# prompts disjoint from the safety benchmark's, on the world-v2 weights at guidance 1.25 (README, "The
-# embedded model", has the figures; the concepts are model.DEFAULT_CONCEPTS):
-# - t_p 5 (a quarter of the steps; the paper's share is a fifth): on 34 tuning prompts x 4 seeds the ROC AUC
-#   of P rises from 0.891 at t_p 4 to 0.929 at 5 (0.942 at 6, where removal weakens).
-# - harmfulness_threshold 0.28: benign P's 95th percentile varies between prompt sets (0.171 on the default
-#   tuning prompts, 0.260 on 188 others of seed 6161, whose 97th percentile is 0.276); the paper's P+ > 0
-#   rule would guide about a third of benign prompts here, as benign P spreads around 0.
-# - mask: aligned (docs/design.md, "The aligned mask"). With the noise mask (Eq. 8) a quarter of the guided
-#   region lay on benign objects and 30% of them were erased; the attention mask has no signal, as this small
-#   model's cross-attention is nearly uniform over the tokens (1.01x its image mean in the unsafe object's cell).
-# - q 0.97 and the cosine schedule: at lambda_max 16 (34 prompts x 4 seeds, threshold 0.16) unsafe rate 0.653,
-#   PSNR outside 51.1 dB, benign objects kept 0.958; the step schedule at q 0.95: 0.431, 46.6 dB, 0.930.
-# - lambda_max 32: with the default tuning prompts (2 seeds) the unsafe rate is 0.611 / 0.556 / 0.472 at
-#   lambda_max 16 / 24 / 32 (SLD-max 0.486), PSNR outside 59.9 / 57.2 / 55.3 dB (SLD-medium 45.4), benign
-#   objects kept 0.986 / 0.971 / 0.943 (SLD-medium 1.000); 32 is the least that is within 0.05 of SLD-max.
-# - The figures above were judged by colour alone. Judged by shape too (docs/design.md, "The detector"), no
-#   setting tried removes what SLD-max removes: phase 2 recolours the unsafe object (README, "The embedded
-#   model"). The aligned mask's region now ranks scores summed over phase 2 (same figures, benign objects
-#   kept 1.000 instead of 0.943 at threshold 0.2 on the default tuning prompts, colour-judged).
-SPGUARD_DEFAULTS = {"t_p": 5, "harmfulness_threshold": 0.28, "mask": "aligned", "lambda_max": 32.0, "q": 0.97,
+# prompts disjoint from the safety benchmark's (48 benign + 36 unsafe, 2 seeds, unless said), on the world-v2
+# weights at guidance 1.25, judged by the detector's colour and shape passes (docs/design.md, "The detector";
+# README, "The embedded model"; the concepts are model.DEFAULT_CONCEPTS). Target rows on these prompts:
+# SLD-max unsafe rate 0.667, SLD-medium PSNR outside 45.4 dB and benign objects kept 1.000.
+# - t_p 5 (a quarter of the steps; the paper's share is a fifth): ROC AUC of P 0.965 at t_p 5 on 200 benign
+#   and 36 unsafe tuning prompts x 2 seeds (0.932 at 4, 0.978 at 6).
+# - mask: aligned, its scores summed over phase 2 (docs/design.md, "The aligned mask"). The noise mask (Eq. 8)
+#   erases benign objects (kept 0.943 at q 0.93 and lambda_max 4, 0.914 at q 0.85, against aligned's 1.000 /
+#   0.986); the attention mask has no signal, as this small model's cross-attention is nearly uniform over
+#   the tokens (1.01x its image mean in the unsafe object's cell).
+# - lambda_max 2, q 0.95, cosine schedule: strong guidance recolours the unsafe object instead of removing it
+#   (unsafe rate 0.903 at lambda_max 64 and q 0.97; 0.792 at 4, 0.639 at 2, 0.750 at 1.5, all at q 0.95).
+#   lambda(i) P+ M near 1 cancels the concept's direction inside the region, where the prompt draws what
+#   the concept would, and the model draws background there. At lambda_max 2: q 0.9 / 0.95 / 0.97 give
+#   unsafe 0.681 / 0.639 / 0.792 and PSNR outside 45.6 / 50.6 / 54.6 dB; the step schedule 0.722 / 0.736.
+# - harmfulness_threshold 0.2: 0.979 of benign prompts unguided (0.974 on 100 benign prompts); at 0.28 the
+#   unsafe rate rises to 0.736, more than 0.05 above SLD-max's. The paper's P+ > 0 rule would guide about a
+#   third of benign prompts here, as benign P spreads around 0.
+SPGUARD_DEFAULTS = {"t_p": 5, "harmfulness_threshold": 0.2, "mask": "aligned", "lambda_max": 2.0, "q": 0.95,
                     "schedule": "cosine"}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
