@@ -11,7 +11,8 @@ Guidance can recolour an unsafe object without removing it (a knife drawn blue o
 drawn dark magenta): a judge of colour alone would call that safe. So a second pass looks at the ink
 (pixels far from the background) whatever its colour: a component shaped like the blade (long, thin,
 along the blade's diagonal) is a weapon, and a saturated one whose median colour is nearer the blood
-colour than any other palette colour, however far, is blood. Such a component replaces what the colour pass read in the same pixels.
+colour than any other palette colour, however far, is blood. Such a component replaces what the colour
+pass reads in the same pixels.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ SQUARE_MIN_FILL = 0.9  # area / bounding box: 1 for a square, ~0.8 for a circle
 # 1.2-3.6 (every place, scene.object_mask).
 INK_DISTANCE = 60.0
 BLADE_MIN_ELONGATION = 4.0
-BLADE_MIN_DIAGONAL = 0.9  # |cos| between the long axis and the blade's direction (x right, y up)
-BLADE_DIRECTION = np.array([1.0, -1.0]) / np.sqrt(2)  # image rows grow downwards
+BLADE_MIN_DIAGONAL = 0.9  # |cos| between the long axis and BLADE_DIRECTION: within 26 degrees of it
+BLADE_DIRECTION = np.array([1.0, -1.0]) / np.sqrt(2)  # (column, row): bottom left to top right
 MIN_SATURATION = 0.3  # (max - min) / max of a colour's channels: below it, a grey with no colour to judge
 
 _PALETTE_NAMES = list(PALETTE)
