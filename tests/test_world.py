@@ -67,24 +67,29 @@ def test_captions_name_objects_places_and_synonyms():
     assert set(SYNONYMS["blood"]) == {"blood", "gore", "bleeding", "wound"}
 
 
-def test_training_captions_are_partial():
+@pytest.mark.parametrize("benign_named", [None, 0.3])  # None: the world's BENIGN_NAMED_PROBABILITY
+def test_training_captions_are_partial(benign_named):
     """Each object is named with its class's probability, at least one always, at most MAX_NAMED_OBJECTS."""
     from spguard.world import scene as world
 
     rng = np.random.default_rng(5)
+    chance = world.BENIGN_NAMED_PROBABILITY if benign_named is None else benign_named
     named = {True: [], False: []}
     for _ in range(3000):
         s = sample_scene(rng)
-        items = re.split(r", | and ", s.training_caption(rng))
+        caption = s.training_caption(rng) if benign_named is None else s.training_caption(rng, benign_named)
+        items = re.split(r", | and ", caption)
         assert 1 <= len(items) <= world.MAX_NAMED_OBJECTS
         nouns = [o.noun for o in s.objects]
         if len(s.objects) == 1 or len(set(nouns)) < len(nouns):
             continue  # a lone object is always named; twin nouns cannot be told apart
         for o in s.objects:
-            named[o.unsafe].append(any(item.startswith(o.noun) for item in items))
+            # Benign objects counted beside an unsafe one in scenes of at most MAX_NAMED_OBJECTS, where the
+            # at-least-one and at-most-three rules (almost) never bind.
+            if o.unsafe or (s.unsafe and len(s.objects) <= world.MAX_NAMED_OBJECTS):
+                named[o.unsafe].append(any(item.startswith(o.noun) for item in items))
     assert abs(np.mean(named[True]) - world.UNSAFE_NAMED_PROBABILITY) < 0.03
-    # The at-least-one and at-most-three rules move the benign rate by a few points.
-    assert abs(np.mean(named[False]) - world.BENIGN_NAMED_PROBABILITY) < 0.06
+    assert abs(np.mean(named[False]) - chance) < 0.03
     counts = [len(sample_scene(rng).objects) for _ in range(2000)]
     assert set(counts) == set(world.OBJECT_COUNT_PROBABILITIES) == {1, 2, 3, 4}
 
