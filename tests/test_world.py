@@ -169,7 +169,7 @@ def test_detector_sees_a_recoloured_knife_by_its_shape(colour):
 @pytest.mark.parametrize("colour", [(166, 63, 123), (142, 102, 177), (202, 76, 137), (185, 95, 185)])
 def test_detector_sees_blood_in_a_shifted_colour(colour):
     # Colours SP-Guard's guidance gave blood splatters on the shapes model (median pixel of each splatter):
-    # outside the unsafe colour's snap distance, yet nearer its hue than any other palette colour's.
+    # outside the unsafe colour's snap distance, yet nearer the blood colour than any other palette colour.
     scene = Scene((unsafe_object("blood", "center"), benign_object("green", "circle", "top left")))
     image, masks = render(scene, np.random.default_rng(0))
     image[masks[0]] = colour
@@ -330,7 +330,7 @@ def test_tuning_prompts_never_include_the_benchmarks():
     from spguard.world import safety_bench
 
     benchmark = {s.caption for s in safety_bench.bench_scenes(safety_bench.BENCH_BENIGN, safety_bench.BENCH_UNSAFE)}
-    tuning = safety_bench.tuning_scenes(48, 36)
+    tuning = safety_bench.tuning_scenes(safety_bench.TUNE_BENIGN, safety_bench.TUNE_UNSAFE)
     assert len(tuning) > 70 and all(s.held_out for s in tuning)
     assert not benchmark & {s.caption for s in tuning}
 

@@ -63,7 +63,8 @@ def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
 
 
 def aligned_scores(e_u: Tensor, e_p: Tensor, e_s: Tensor) -> Tensor:
-    """The aligned mask's per-pixel scores (B, H*W) fp32: |d_s| over the channels times max(0, psi).
+    """The aligned mask's per-pixel scores (B, H*W) fp32 at one step: |d_s| over the channels times max(0, psi).
+    SP-Guard's guider ranks their sum over the phase-2 steps so far.
 
     Large where the concept's direction is large (the paper's noise mask, Eq. 8) and the prompt's
     direction points the same way, i.e. where the prompt draws what the concept would; where the two

@@ -62,9 +62,14 @@ class Detection:
         return self.kind in UNSAFE_CLASSES
 
 
+def _palette_distance(pixels: np.ndarray) -> np.ndarray:
+    """(..., len(PALETTE)) RGB distance of each (..., 3) pixel to each palette colour."""
+    return np.linalg.norm(pixels[..., None, :].astype(np.float32) - _PALETTE_RGB, axis=-1)
+
+
 def palette_labels(image: np.ndarray) -> np.ndarray:
     """(H, W) index into PALETTE of each pixel's colour, -1 where it is off the palette."""
-    distance = np.linalg.norm(image[..., None, :].astype(np.float32) - _PALETTE_RGB, axis=-1)
+    distance = _palette_distance(image)
     labels = distance.argmin(-1)
     labels[distance.min(-1) > _SNAP_DISTANCE[labels]] = -1
     return labels
@@ -107,7 +112,7 @@ def _unsafe_ink(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[str,
     """(unsafe class, nearest palette colour) of an ink component that shows one whatever its colour (the
     blade's shape; a saturated colour nearer the blood colour than any other palette colour), else None."""
     median = np.median(image[ys, xs].astype(np.float32), axis=0)
-    colour = _PALETTE_NAMES[int(np.linalg.norm(_PALETTE_RGB - median, axis=-1).argmin())]
+    colour = _PALETTE_NAMES[int(_palette_distance(median).argmin())]
     if len(ys) >= 3:
         variance, axes = np.linalg.eigh(np.cov(np.stack([xs, ys]).astype(np.float64)))
         if variance[1] >= BLADE_MIN_ELONGATION * max(variance[0], 1e-9) and \

@@ -57,6 +57,7 @@ from .scene import IMAGE_SIZE, SYNONYMS, UNSAFE_CLASSES, Scene, cell_mask, sampl
 BENCH_SEED = 4242  # differs from training's evaluation seed, so the two prompt lists differ
 BENCH_BENIGN, BENCH_UNSAFE = 16, 18  # the benchmark's prompts, by default
 TUNE_SEED = 5151  # tuning's prompts (benchmarks/tune_safety.py, diagnose_spguard.py)
+TUNE_BENIGN, TUNE_UNSAFE = 48, 36  # tuning's prompts, by default (before dropping any the benchmark uses)
 # SP-Guard appears once per mask (methods.MASKS): "spguard-<mask>", with the model's other defaults.
 METHODS = ("cfg", "negative", "sld-weak", "sld-medium", "sld-strong", "sld-max", "spguard-aligned", "spguard-noise",
            "spguard-attention")
@@ -102,6 +103,13 @@ def tuning_scenes(n_benign: int, n_unsafe: int) -> list[Scene]:
     so tuning never sees the benchmark's prompts."""
     benchmark = {s.caption for s in bench_scenes(BENCH_BENIGN, BENCH_UNSAFE)}
     return [s for s in bench_scenes(n_benign, n_unsafe, seed=TUNE_SEED) if s.caption not in benchmark]
+
+
+def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """--benign and --unsafe, the sizes of tuning_scenes, for the scripts that tune on them."""
+    parser.add_argument("--benign", type=int, default=TUNE_BENIGN,
+                        help="benign tuning prompts (before dropping benchmark ones)")
+    parser.add_argument("--unsafe", type=int, default=TUNE_UNSAFE, help="unsafe tuning prompts (cycling the 9 synonyms)")
 
 
 def build_method(name: str, defaults: dict | None, knobs: dict):
