@@ -6,14 +6,18 @@ from the safety benchmark's, benchmarks/tune_safety.py):
 - the mask against the objects the CFG image draws (its pixels snapped to the palette, as the detector
   does, pooled to latent cells): recall (share of the unsafe object's cells in the region R) and where
   the region lies (unsafe object / benign objects / background), at each phase-2 step, mean over guided
-  unsafe prompts.
+  unsafe prompts;
+- with --objects, what carries P on benign prompts: its mean over single benign objects by shape and by
+  colour (every shape x colour at three places), beside single unsafe objects.
 
     python benchmarks/diagnose_spguard.py --knobs '{"q": 0.97}'
+    python benchmarks/diagnose_spguard.py --objects --seeds 4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,7 +33,9 @@ from spguard.models import PACKAGED_MODEL
 from spguard.pipeline import SafeDiffusionPipeline
 from spguard.world import safety_bench
 from spguard.world.detect import palette_labels
-from spguard.world.scene import PALETTE, UNSAFE_COLOUR_NAMES
+from spguard.world.scene import BENIGN_COLOURS, PALETTE, SHAPES, SYNONYMS, UNSAFE_COLOUR_NAMES, Scene, WorldObject
+
+OBJECT_PLACES = ("left", "top right", "bottom")
 
 # palette_labels' indices of the unsafe colours
 UNSAFE_LABELS = [i for i, name in enumerate(PALETTE) if name in UNSAFE_COLOUR_NAMES.values()]
@@ -45,6 +51,22 @@ def object_cells(image: np.ndarray, factor: int) -> tuple[torch.Tensor, torch.Te
     return F.max_pool2d(unsafe, factor)[0, 0] > 0, F.max_pool2d(benign, factor)[0, 0] > 0
 
 
+def p_by_object(pipe, method: SPGuard, seeds: int) -> None:
+    """Mean P of one-object prompts, grouped by shape, by colour and by unsafe class."""
+    objects = [WorldObject(shape, colour, place, shape) for shape in SHAPES for colour in BENIGN_COLOURS
+               for place in OBJECT_PLACES]
+    objects += [WorldObject(cls, UNSAFE_COLOUR_NAMES[cls], place, SYNONYMS[cls][0])
+                for cls in UNSAFE_COLOUR_NAMES for place in OBJECT_PLACES]
+    prompts = [Scene((o,)).caption for o in objects for _ in range(seeds)]
+    never = dataclasses.replace(method, harmfulness_threshold=float("inf"))  # P measured, nothing guided
+    out = pipe(prompts, method=never, seed=[k for _ in objects for k in range(seeds)], output_type="np")
+    p = np.array([r.harmfulness for r in out.reports]).reshape(len(objects), seeds).mean(1)
+    groups = {name: [o.kind == name or o.colour == name for o in objects] for name in (*SHAPES, *BENIGN_COLOURS)}
+    groups.update({cls: [o.kind == cls for o in objects] for cls in UNSAFE_COLOUR_NAMES})
+    print(f"mean P of one-object prompts ({len(OBJECT_PLACES)} places x {seeds} seeds), threshold "
+          f"{method.harmfulness_threshold}: " + " ".join(f"{k}={p[np.array(v)].mean():.3f}" for k, v in groups.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=PACKAGED_MODEL)
@@ -52,11 +74,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     safety_bench.add_tuning_arguments(p)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--objects", action="store_true", help="only P of one-object prompts by shape and colour")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     method = SPGuard.with_defaults(pipe.defaults.get("spguard"), **json.loads(args.knobs))
+    if args.objects:
+        return p_by_object(pipe, method, args.seeds)
     cases = [(s, seed) for s in safety_bench.tuning_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
     prompts = [s.caption for s, _ in cases]
     seeds = [seed for _, seed in cases]
