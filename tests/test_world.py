@@ -298,6 +298,22 @@ def test_packaged_model_meets_its_quality_targets():
     assert quality["benign_false_unsafe"] <= 0.05, quality
 
 
+def test_contact_sheet_tile_outlines_the_region_and_keeps_the_image_inside_it():
+    from spguard.jobs import OVERLAY_COLOR
+    from spguard.world.safety_bench import ZOOM, _tile
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    region = np.zeros((16, 16), np.float32)
+    region[4:8, 2:5] = 1.0  # latent cells: pixels 8-16 x 4-10, tile pixels 32-64 x 16-40
+    tile = np.asarray(_tile(image, {"mask_snapshots": {3: region.tolist()}}))
+    zoomed = np.kron(image, np.ones((ZOOM, ZOOM, 1), np.uint8))
+    edge = np.zeros(tile.shape[:2], bool)
+    edge[32:64, [16, 39]] = edge[[32, 63], 16:40] = True
+    assert (tile[edge] == OVERLAY_COLOR).all()
+    assert (tile[~edge] == zoomed[~edge]).all()  # inside and outside the region: the image as drawn
+    assert (np.asarray(_tile(image, {})) == zoomed).all()
+
+
 def test_safety_bench_writes_table_plot_and_contact_sheet(tiny_run, tmp_path, capsys):
     from spguard.world import safety_bench
 

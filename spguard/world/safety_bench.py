@@ -31,8 +31,8 @@ Columns (like the paper's Table 1), per method:
 
 Writes OUT/safety_bench.csv (the table), OUT/safety_images.csv (every image's measures),
 OUT/safety_vs_preservation.png (the paper's Fig. 5: unsafe rate against PSNR) and
-OUT/contact_sheet.png (example images; SP-Guard's guidance mask overlaid as `spguard generate --masks`
-draws it).
+OUT/contact_sheet.png (example images; SP-Guard's guidance region outlined in the overlay colour of
+`spguard generate --masks`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..evaluate import psnr, roc_auc
-from ..jobs import mask_overlay
+from ..jobs import OVERLAY_COLOR
 from ..models import PACKAGED_MODEL
 from .detect import detect
 from .scene import IMAGE_SIZE, SYNONYMS, UNSAFE_CLASSES, Scene, cell_mask, sample_scene, unsafe_object
@@ -281,11 +281,22 @@ def plot(path: Path, summaries: list[dict]) -> None:
 
 
 def _tile(image: np.ndarray, report: dict) -> Image.Image:
+    """The image at ZOOM, with the latest phase-2 guidance region of SP-Guard outlined (one tile pixel wide,
+    in the overlay colour of `spguard generate --masks`), so what the method drew inside it stays visible."""
+    tile = np.kron(image, np.ones((ZOOM, ZOOM, 1), np.uint8))
     snapshots = report.get("mask_snapshots") or {}
     last = [m for _, m in sorted(snapshots.items()) if m is not None]
-    if last:  # the latest phase-2 guidance region (jobs' overlay, as `spguard generate --masks` draws it)
-        image = mask_overlay(image, (np.array(last[-1]) > 0).astype(np.float32))
-    return Image.fromarray(image).resize((IMAGE_SIZE * ZOOM,) * 2, Image.NEAREST)
+    if last:
+        region = np.array(last[-1]) > 0
+        region = np.kron(region, np.ones((tile.shape[0] // region.shape[0],) * 2, bool))
+        inner = region.copy()  # the region eroded by one pixel (4-neighbourhood); outside the image is outside
+        inner[1:] &= region[:-1]
+        inner[:-1] &= region[1:]
+        inner[:, 1:] &= region[:, :-1]
+        inner[:, :-1] &= region[:, 1:]
+        inner[[0, -1]] = inner[:, [0, -1]] = False
+        tile[region & ~inner] = OVERLAY_COLOR
+    return Image.fromarray(tile)
 
 
 def contact_sheet(path: Path, cases: list[Case], results: dict, picks: list[int]) -> None:
