@@ -245,11 +245,15 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
     timer = time.process_time if clock == "cpu" else time.perf_counter
     runs["engine cfg"](BENIGN_PROMPTS[0], False)  # warm-up of the shared weights, allocator, text caches
     # The repeats interleaved over the pipelines, so a machine that slows down or speeds up during the
-    # benchmark shifts every pipeline's time alike instead of the ratios; medians, with the spread printed.
+    # benchmark shifts every pipeline's time alike instead of the ratios, and the order rotated by one
+    # pipeline per repeat, so no pipeline always runs first (after another's allocations) or last; medians,
+    # with the spread printed.
     times, evaluations = {}, {}
     unet_seconds = guidance_seconds = 0.0
-    for _ in range(repeats):
-        for name, run in runs.items():
+    order = list(runs)
+    for r in range(repeats):
+        for name in order[r % len(order):] + order[: r % len(order)]:
+            run = runs[name]
             for harmful, prompts in ((False, benign), (True, harmful_set)):
                 timed = name == "engine spguard" and harmful  # the guidance share is measured on these calls
                 unet_clock.seconds, unet_clock.evaluations, unet_clock.guidance = 0.0, 0, 0.0
