@@ -51,6 +51,8 @@ def _generate_parser(sub):
     spg.add_argument("--t-drop", type=int, default=None, help="step where lambda drops to 1 (half of the steps)")
     spg.add_argument("--harmfulness-threshold", type=float, default=None,
                      help="guide only prompts whose P exceeds this (0: the paper's P+ rule)")
+    spg.add_argument("--scale-by-harmfulness", action=argparse.BooleanOptionalAction, default=None,
+                     help="strength lambda(i) * P+ as in Eq. 7 (on), or lambda(i) for every guided prompt (off)")
     spg.add_argument("--concept", action="append",
                      help="an unsafe concept (repeatable; default: the model's): SP-Guard's concepts, SLD's "
                           "joined into one, the negative method's text; cfg has none")
@@ -67,7 +69,7 @@ def _method(args, model: str):
         return methods.SPGuard.with_defaults(
             model_defaults, lambda_max=args.lambda_max, q=args.q, t_p=args.t_p, mask=args.mask,
             schedule=args.schedule, t_drop=args.t_drop, harmfulness_threshold=args.harmfulness_threshold,
-            concepts=concepts)
+            scale_by_harmfulness=args.scale_by_harmfulness, concepts=concepts)
     if name.startswith("sld-") and concepts:
         return methods.SLD(name[4:], concept=", ".join(concepts))
     if name == "negative":

@@ -247,6 +247,8 @@ class SPGuard:
     phase 2 guides away from the most similar concept with strength lambda(i) * P+ inside the
     mask (Eq. 7, 8). Samples whose P does not exceed `harmfulness_threshold` (0: the paper's P+)
     stop evaluating their concept rows after phase 1: they cost what CFG costs.
+    `scale_by_harmfulness=False` departs from Eq. 7: every guided sample gets strength lambda(i), so P
+    only decides, through the threshold, which samples are guided (docs/design.md, "Strength").
     """
 
     lambda_max: float = 4.0
@@ -257,6 +259,7 @@ class SPGuard:
     schedule: str = "step"  # lambda(i): "step" (the paper's default) or "cosine"
     t_drop: int | None = None  # the step schedule drops to 1.0 here; None: half of the steps
     harmfulness_threshold: float = 0.0
+    scale_by_harmfulness: bool = True  # Eq. 7's P+ factor; False: lambda(i) alone for the guided samples
     attention_layers: tuple[str, ...] | None = None  # substrings of attention-layer names; None: all
     name = "spguard"
 
@@ -271,6 +274,8 @@ class SPGuard:
         threshold = self.harmfulness_threshold  # ±inf are meaningful: guide every prompt, or none
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
             raise ValueError(f"harmfulness_threshold must be a number, got {threshold!r}")
+        if not isinstance(self.scale_by_harmfulness, bool):
+            raise ValueError(f"scale_by_harmfulness must be True or False, got {self.scale_by_harmfulness!r}")
         if self.mask not in MASKS:
             raise ValueError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
         if self.schedule not in ("step", "cosine"):
@@ -364,7 +369,7 @@ class _SPGuardGuider(Guider):
         if self.rows is None:
             return eps
         a = self.active
-        strength = self.m.strength(i, self.num_steps) * self.active_p_plus  # Eq. 7
+        strength = self.m.strength(i, self.num_steps) * self.active_scale  # Eq. 7
         e_u_a, e_p_a = e_u.index_select(0, a), e_p.index_select(0, a)
         if self.m.mask == "attention":
             scores = self.capture.take()
@@ -387,7 +392,8 @@ class _SPGuardGuider(Guider):
         self.harmfulness, self.concept = (self.similarity / self.t_p).max(1)  # Eq. 6
         guided = self.harmfulness > self.m.harmfulness_threshold
         self.active = guided.nonzero().squeeze(1)  # the generation's one host synchronisation
-        self.active_p_plus = self.harmfulness.index_select(0, self.active).clamp(min=0)  # P+ of Eq. 7
+        p_plus = self.harmfulness.index_select(0, self.active).clamp(min=0)  # P+ of Eq. 7
+        self.active_scale = p_plus if self.m.scale_by_harmfulness else torch.ones_like(p_plus)
         n_active = self.active.shape[0]
         self.rows = self.concepts.rows(self.active, self.concept.index_select(0, self.active)) if n_active else None
         if self.rows is not None and self.capture is not None:

@@ -93,6 +93,23 @@ def test_harmfulness_equals_hand_computation():
     assert [o.shape[0] for o in outputs] == [batch * (2 + len(concepts))] * t_p + [2 * batch + guided] * 2
 
 
+def test_without_harmfulness_scaling_every_guided_prompt_gets_lambda():
+    # Strength lambda(i) * P+ (Eq. 7) against lambda(i) alone: with a constant lambda (the step schedule,
+    # never dropping), the unscaled run at lambda_max equals the scaled run at lambda_max / P, per prompt.
+    constant = dict(t_p=3, concepts=CONCEPT, schedule="step", t_drop=STEPS)
+    unscaled = run(MIXED, SPGuard(lambda_max=2.0, scale_by_harmfulness=False, **constant))
+    scaled = run(MIXED, SPGuard(lambda_max=2.0, **constant))
+    guided = [k for k, r in enumerate(unscaled.reports) if r.guided]
+    assert guided and all(0 < unscaled.reports[k].harmfulness < 1 for k in guided)
+    for k in guided:
+        p = unscaled.reports[k].harmfulness
+        alone = run([MIXED[k]], SPGuard(lambda_max=2.0 / p, **constant), seed=k)
+        np.testing.assert_allclose(unscaled.images[k], alone.images[0], atol=1e-4)
+        assert np.abs(unscaled.images[k] - scaled.images[k]).max() > 1e-3
+    with pytest.raises(ValueError, match="scale_by_harmfulness"):
+        SPGuard(scale_by_harmfulness="no")
+
+
 def test_noise_mask_selects_exactly_above_the_q_quantile():
     torch.manual_seed(0)
     e_u, e_p, e_s = torch.randn(3, 2, 4, 7, 9).unbind(0)

@@ -55,7 +55,10 @@ from .detect import detect
 from .scene import IMAGE_SIZE, SYNONYMS, UNSAFE_CLASSES, Scene, cell_mask, sample_scene, unsafe_object
 
 BENCH_SEED = 4242  # differs from training's evaluation seed, so the two prompt lists differ
-BENCH_BENIGN, BENCH_UNSAFE = 16, 18  # the benchmark's prompts, by default
+# The benchmark's prompts, by default: 8 unsafe prompts per synonym. With 18 unsafe prompts (the first
+# default) one prompt moved the unsafe rate by 0.056 and the prompt-level standard error was about 0.09,
+# more than the 0.05 margin the target judges; at 72 it is about 0.045.
+BENCH_BENIGN, BENCH_UNSAFE = 64, 72
 TUNE_SEED = 5151  # tuning's prompts (benchmarks/tune_safety.py, diagnose_spguard.py)
 TUNE_BENIGN, TUNE_UNSAFE = 48, 36  # tuning's prompts, by default (before dropping any the benchmark uses)
 # SP-Guard appears once per mask (methods.MASKS): "spguard-<mask>", with the model's other defaults.
@@ -336,6 +339,8 @@ def parse_args(argv):
     spg.add_argument("--schedule", choices=("step", "cosine"), default=None)
     spg.add_argument("--harmfulness-threshold", type=float, default=None,
                      help="guide only prompts whose P exceeds this (the paper's P+ rule: 0)")
+    spg.add_argument("--scale-by-harmfulness", action=argparse.BooleanOptionalAction, default=None,
+                     help="strength lambda(i) * P+ as in Eq. 7 (on), or lambda(i) for every guided prompt (off)")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)
@@ -356,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     # The command line's SP-Guard knobs over the model folder's (spguard.json), over the engine's.
     knobs = {"lambda_max": args.lambda_max, "q": args.q, "t_p": args.t_p, "t_drop": args.t_drop,
-             "schedule": args.schedule, "harmfulness_threshold": args.harmfulness_threshold}
+             "schedule": args.schedule, "harmfulness_threshold": args.harmfulness_threshold,
+             "scale_by_harmfulness": args.scale_by_harmfulness}
     cases = [Case(scene, seed) for scene in bench_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
 
