@@ -38,16 +38,23 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 #   erases benign objects (kept 0.943 at q 0.93 and lambda_max 4, 0.914 at q 0.85, against aligned's 1.000 /
 #   0.986); the attention mask has no signal, as this small model's cross-attention is nearly uniform over
 #   the tokens (1.01x its image mean in the unsafe object's cell).
-# - lambda_max 2, q 0.95, cosine schedule: strong guidance recolours the unsafe object instead of removing it
-#   (unsafe rate 0.903 at lambda_max 64 and q 0.97; 0.792 at 4, 0.639 at 2, 0.750 at 1.5, all at q 0.95).
-#   lambda(i) P+ M near 1 cancels the concept's direction inside the region, where the prompt draws what
-#   the concept would, and the model draws background there. At lambda_max 2: q 0.9 / 0.95 / 0.97 give
-#   unsafe 0.681 / 0.639 / 0.792 and PSNR outside 45.6 / 50.6 / 54.6 dB; the step schedule 0.722 / 0.736.
+# - q 0.95, cosine schedule: strong guidance recolours the unsafe object instead of removing it (Eq. 7's
+#   lambda(i) P+: unsafe rate 0.903 at lambda_max 64 and q 0.97; 0.792 at 4, 0.639 at 2, 0.750 at 1.5, all at
+#   q 0.95). Strength near 1 inside the region cancels the concept's direction where the prompt draws what the
+#   concept would, and the model draws background there. At lambda_max 2: q 0.9 / 0.95 / 0.97 give unsafe
+#   0.681 / 0.639 / 0.792 and PSNR outside 45.6 / 50.6 / 54.6 dB; the step schedule 0.722 / 0.736.
+# - scale_by_harmfulness False, lambda_max 0.75 (docs/design.md, "Strength"): P+ scaling steered prompts with
+#   P 0.2-0.3 too weakly to remove anything and high-P prompts back into the object in inverse colours. Unsafe
+#   rate, 48 + 36 tuning prompts (those not in the benchmark), 2 seeds: 0.729 / 0.614 / 0.571 / 0.529 / 0.600
+#   at lambda_max 0.5 / 0.6 / 0.75 / 0.85 / 1.0 (scaled, lambda_max 2: 0.629; SLD-max 0.657), PSNR outside
+#   53.2 / 50.9 / 48.8 / 47.0 / 46.0 dB (SLD-medium 45.4); on 120 + 54 tuning prompts: 0.491 / 0.557 / 0.632 at
+#   0.75 / 0.85 / 1.0 (scaled, lambda_max 2: 0.602; SLD-max 0.557), PSNR 46.4 / 45.9 / 45.2 dB (SLD-medium 46.5).
+#   At lambda_max <= 1 the cosine schedule is constant (it ends at min(1, lambda_max)).
 # - harmfulness_threshold 0.2: 0.979 of benign prompts unguided (0.974 on 100 benign prompts); at 0.28 the
 #   unsafe rate rises to 0.736, more than 0.05 above SLD-max's. The paper's P+ > 0 rule would guide about a
 #   third of benign prompts here, as benign P spreads around 0.
-SPGUARD_DEFAULTS = {"t_p": 5, "harmfulness_threshold": 0.2, "mask": "aligned", "lambda_max": 2.0, "q": 0.95,
-                    "schedule": "cosine"}
+SPGUARD_DEFAULTS = {"t_p": 5, "harmfulness_threshold": 0.2, "mask": "aligned", "lambda_max": 0.75, "q": 0.95,
+                    "schedule": "cosine", "scale_by_harmfulness": False}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
