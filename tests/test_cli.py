@@ -59,16 +59,18 @@ def test_empty_prompt_file(tmp_path):
 def test_spguard_parameters_default_to_the_model_folder(tmp_path):
     (tmp_path / "spguard.json").write_text(json.dumps({"spguard": {"t_p": 4, "q": 0.8, "harmfulness_threshold": 0.1}}))
     args = argparse.Namespace(method="spguard", lambda_max=None, q=None, t_p=6, mask=None, schedule=None,
-                              t_drop=None, harmfulness_threshold=None, concept=None)
+                              t_drop=None, harmfulness_threshold=None, scale_by_harmfulness=None, concept=None)
     # given flags win over the model's
     assert _method(args, str(tmp_path)) == SPGuard(t_p=6, q=0.8, harmfulness_threshold=0.1)
     args.harmfulness_threshold, args.t_drop = 0.2, 8
     assert _method(args, str(tmp_path)) == SPGuard(t_p=6, q=0.8, harmfulness_threshold=0.2, t_drop=8)
+    args.scale_by_harmfulness = False
+    assert _method(args, str(tmp_path)).scale_by_harmfulness is False
 
 
 def method_args(**given):
     defaults = dict(method="spguard", lambda_max=None, q=None, t_p=None, mask=None, schedule=None, t_drop=None,
-                    harmfulness_threshold=None, concept=None, negative_prompt=None)
+                    harmfulness_threshold=None, scale_by_harmfulness=None, concept=None, negative_prompt=None)
     return argparse.Namespace(**{**defaults, **given})
 
 
