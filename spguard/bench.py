@@ -252,7 +252,8 @@ def end_to_end(components: dict, steps: int, t_p: int, size: int, repeats: int, 
     unet_seconds = guidance_seconds = 0.0
     order = list(runs)
     for r in range(repeats):
-        for name in order[r % len(order):] + order[: r % len(order)]:
+        first = r % len(order)
+        for name in order[first:] + order[:first]:
             run = runs[name]
             for harmful, prompts in ((False, benign), (True, harmful_set)):
                 timed = name == "engine spguard" and harmful  # the guidance share is measured on these calls

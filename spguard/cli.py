@@ -43,16 +43,7 @@ def _generate_parser(sub):
     p.add_argument("--masks", action="store_true", help="write SP-Guard's mask overlays (NNNNNN.mask.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     spg = p.add_argument_group("SP-Guard (defaults: the model folder's, else SPGuard's)")
-    spg.add_argument("--lambda-max", type=float, default=None, help="(4.0)")
-    spg.add_argument("--q", type=float, default=None, help="(0.9)")
-    spg.add_argument("--t-p", type=int, default=None, help="(10)")
-    spg.add_argument("--mask", choices=methods.MASKS, default=None, help="(noise)")
-    spg.add_argument("--schedule", choices=("step", "cosine"), default=None, help="(step)")
-    spg.add_argument("--t-drop", type=int, default=None, help="step where lambda drops to 1 (half of the steps)")
-    spg.add_argument("--harmfulness-threshold", type=float, default=None,
-                     help="guide only prompts whose P exceeds this (0: the paper's P+ rule)")
-    spg.add_argument("--scale-by-harmfulness", action=argparse.BooleanOptionalAction, default=None,
-                     help="strength lambda(i) * P+ as in Eq. 7 (on), or lambda(i) for every guided prompt (off)")
+    methods.add_spguard_arguments(spg)
     spg.add_argument("--concept", action="append",
                      help="an unsafe concept (repeatable; default: the model's): SP-Guard's concepts, SLD's "
                           "joined into one, the negative method's text; cfg has none")
@@ -66,10 +57,7 @@ def _method(args, model: str):
         from .pipeline import read_defaults
 
         model_defaults = None if model == "tiny" else read_defaults(model).get("spguard")
-        return methods.SPGuard.with_defaults(
-            model_defaults, lambda_max=args.lambda_max, q=args.q, t_p=args.t_p, mask=args.mask,
-            schedule=args.schedule, t_drop=args.t_drop, harmfulness_threshold=args.harmfulness_threshold,
-            scale_by_harmfulness=args.scale_by_harmfulness, concepts=concepts)
+        return methods.SPGuard.with_defaults(model_defaults, **methods.spguard_knobs(args), concepts=concepts)
     if name.startswith("sld-") and concepts:
         return methods.SLD(name[4:], concept=", ".join(concepts))
     if name == "negative":

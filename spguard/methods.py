@@ -16,6 +16,7 @@ the same loop with the same batching and one UNet call per step, so their images
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import numbers
@@ -418,6 +419,33 @@ class _SPGuardGuider(Guider):
                 }
             out.append(r)
         return out
+
+
+# SP-Guard's fields a command line sets (`spguard generate`, `spguard bench safety`).
+SPGUARD_FLAGS = ("lambda_max", "q", "t_p", "mask", "schedule", "t_drop", "harmfulness_threshold", "scale_by_harmfulness")
+
+
+def add_spguard_arguments(group, mask: bool = True) -> None:
+    """SPGUARD_FLAGS as options of an argparse parser or group, unset (None) unless given, so a model
+    folder's defaults apply (SPGuard.with_defaults); the help shows the engine's. `mask=False` leaves
+    --mask out (for a caller that sets the mask itself)."""
+    engine = SPGuard()
+    group.add_argument("--lambda-max", type=float, help=f"({engine.lambda_max})")
+    group.add_argument("--q", type=float, help=f"({engine.q})")
+    group.add_argument("--t-p", type=int, help=f"({engine.t_p})")
+    if mask:
+        group.add_argument("--mask", choices=MASKS, help=f"({engine.mask})")
+    group.add_argument("--schedule", choices=("step", "cosine"), help=f"({engine.schedule})")
+    group.add_argument("--t-drop", type=int, help="step where lambda drops to 1 (half of the steps)")
+    group.add_argument("--harmfulness-threshold", type=float,
+                       help="guide only prompts whose P exceeds this (0: the paper's P+ rule)")
+    group.add_argument("--scale-by-harmfulness", action=argparse.BooleanOptionalAction,
+                       help="strength lambda(i) * P+ as in Eq. 7 (on), or lambda(i) for every guided prompt (off)")
+
+
+def spguard_knobs(args) -> dict:
+    """The SPGUARD_FLAGS a parsed command line has (None where unset), for SPGuard.with_defaults."""
+    return {name: getattr(args, name) for name in SPGUARD_FLAGS if hasattr(args, name)}
 
 
 METHOD_NAMES = ("cfg", "negative", "sld-weak", "sld-medium", "sld-strong", "sld-max", "spguard")

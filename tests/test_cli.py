@@ -104,3 +104,13 @@ def test_generate_height_width_and_negative_prompt(tmp_path):
                       negative_prompt="blood").images[0]
     assert image.shape == (16, 24, 3)
     np.testing.assert_array_equal(image, np.asarray(expected))
+
+
+def test_bench_safety_takes_the_generate_spguard_flags_and_sets_each_rows_mask():
+    from spguard.methods import spguard_knobs
+    from spguard.world.safety_bench import build_method, parse_args
+
+    knobs = spguard_knobs(parse_args(["--lambda-max", "0.5", "--no-scale-by-harmfulness"]))
+    assert "mask" not in knobs and knobs["q"] is None
+    assert build_method("spguard-noise", {"t_p": 4, "mask": "aligned"}, knobs) == SPGuard(
+        t_p=4, lambda_max=0.5, scale_by_harmfulness=False, mask="noise")

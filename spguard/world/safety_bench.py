@@ -50,6 +50,7 @@ from PIL import Image, ImageDraw
 
 from ..evaluate import psnr, roc_auc
 from ..jobs import OVERLAY_COLOR
+from ..methods import SPGuard, add_spguard_arguments, spguard_knobs
 from ..models import PACKAGED_MODEL
 from .detect import detect
 from .scene import IMAGE_SIZE, SYNONYMS, UNSAFE_CLASSES, Scene, cell_mask, sample_scene, unsafe_object
@@ -118,8 +119,6 @@ def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
 def build_method(name: str, defaults: dict | None, knobs: dict):
     """A method name of the table -> what the pipeline takes; SP-Guard gets the model's defaults, the
     benchmark's knobs over them, and the row's mask."""
-    from ..methods import SPGuard
-
     if name.startswith("spguard-"):
         return SPGuard.with_defaults(defaults, **knobs, mask=name.removeprefix("spguard-"))
     return name
@@ -292,12 +291,8 @@ def _tile(image: np.ndarray, report: dict) -> Image.Image:
     if last:
         region = np.array(last[-1]) > 0
         region = np.kron(region, np.ones((tile.shape[0] // region.shape[0],) * 2, bool))
-        inner = region.copy()  # the region eroded by one pixel (4-neighbourhood); outside the image is outside
-        inner[1:] &= region[:-1]
-        inner[:-1] &= region[1:]
-        inner[:, 1:] &= region[:, :-1]
-        inner[:, :-1] &= region[:, 1:]
-        inner[[0, -1]] = inner[:, [0, -1]] = False
+        pad = np.pad(region, 1)  # outside the image is outside the region
+        inner = region & pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]  # eroded by one pixel
         tile[region & ~inner] = OVERLAY_COLOR
     return Image.fromarray(tile)
 
@@ -332,15 +327,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--contact-rows", type=int, default=8, help="contact-sheet prompts (unsafe first)")
     spg = p.add_argument_group("SP-Guard (every mask; default: the model folder's, else the engine's)")
-    spg.add_argument("--lambda-max", type=float, default=None)
-    spg.add_argument("--q", type=float, default=None)
-    spg.add_argument("--t-p", type=int, default=None)
-    spg.add_argument("--t-drop", type=int, default=None)
-    spg.add_argument("--schedule", choices=("step", "cosine"), default=None)
-    spg.add_argument("--harmfulness-threshold", type=float, default=None,
-                     help="guide only prompts whose P exceeds this (the paper's P+ rule: 0)")
-    spg.add_argument("--scale-by-harmfulness", action=argparse.BooleanOptionalAction, default=None,
-                     help="strength lambda(i) * P+ as in Eq. 7 (on), or lambda(i) for every guided prompt (off)")
+    add_spguard_arguments(spg, mask=False)  # each SP-Guard row sets its own mask
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)
@@ -360,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     # The command line's SP-Guard knobs over the model folder's (spguard.json), over the engine's.
-    knobs = {"lambda_max": args.lambda_max, "q": args.q, "t_p": args.t_p, "t_drop": args.t_drop,
-             "schedule": args.schedule, "harmfulness_threshold": args.harmfulness_threshold,
-             "scale_by_harmfulness": args.scale_by_harmfulness}
+    knobs = spguard_knobs(args)
     cases = [Case(scene, seed) for scene in bench_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
 
