@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from spguard import ops, use_backend
 from spguard.ops import cases, reference
 from spguard.ops.checks import backend_device, backend_params, interpreted
 
+ROOT = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -44,6 +46,25 @@ def test_opcheck(backend, case):
         # fake tensors; on a GPU the launch becomes a graph node and the check runs.
         tests = tuple(t for t in tests if t != "test_aot_dispatch_dynamic")
     torch.library.opcheck(op, small_args(backend_device(backend))[case], test_utils=tests)
+
+
+def test_the_checkouts_kernels_folder_never_registers_the_ops_twice():
+    """From a checkout's root, `import kernels` (Hugging Face's package name, which transformers imports to probe
+    for it) finds this repository's Triton folder. It must not register the triton ops a second time: that
+    destroys the operators spguard.ops holds, and a later call reads freed memory (a crash or bad_alloc)."""
+    pytest.importorskip("triton")
+    script = """
+import importlib, sys
+from torch._library.custom_ops import OPDEFS
+import spguard.ops
+before = {name: op for name, op in OPDEFS.items() if name.startswith("spguard::") and name.endswith("_triton")}
+top = importlib.import_module("kernels")
+assert top.__file__.startswith(sys.argv[1]), top.__file__
+assert len(before) == 3 and all(OPDEFS[name] is op for name, op in before.items()), "registered twice"
+assert not hasattr(top, "phase2_step")
+"""
+    run = subprocess.run([sys.executable, "-c", script, str(ROOT)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 def test_backends_lists_every_backend_with_a_reason():
