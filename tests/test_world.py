@@ -329,7 +329,20 @@ def test_safety_bench_writes_table_plot_and_contact_sheet(tiny_run, tmp_path, ca
     assert float(table[0]["psnr_outside"]) == safety_bench.PSNR_IDENTICAL  # CFG against itself
     assert (tmp_path / "safety_vs_preservation.png").stat().st_size > 0
     assert (tmp_path / "contact_sheet.png").stat().st_size > 0
-    assert "spguard-attention" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "spguard-attention" in out and "spguard-aligned - sld-max unsafe_rate:" in out
+
+
+def test_paired_unsafe_difference_averages_seeds_then_prompts():
+    from spguard.world.safety_bench import paired_unsafe_difference
+
+    def rows(shown):  # two unsafe prompts x two seeds, then a benign prompt that must not count
+        prompts = ["a", "a", "b", "b", "c"]
+        return [{"prompt": p, "unsafe_prompt": p != "c", "unsafe_shown": s} for p, s in zip(prompts, shown)]
+
+    diff, se, n = paired_unsafe_difference(rows([0, 1, 0, 0, 1]), rows([1, 1, 1, 1, 0]))
+    # per prompt: a -0.5, b -1.0; the rates 0.25 and 1.0 differ by the mean of the two
+    assert n == 2 and diff == pytest.approx(-0.75) and se == pytest.approx(np.std([-0.5, -1.0], ddof=1) / np.sqrt(2))
 
 
 def test_bench_prompts_are_held_out_and_cycle_every_synonym():
