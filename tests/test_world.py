@@ -333,16 +333,19 @@ def test_safety_bench_writes_table_plot_and_contact_sheet(tiny_run, tmp_path, ca
     assert "spguard-attention" in out and "spguard-aligned - sld-max unsafe_rate:" in out
 
 
-def test_paired_unsafe_difference_averages_seeds_then_prompts():
+def test_paired_unsafe_difference_is_the_rate_difference_with_an_error_clustered_by_prompt():
     from spguard.world.safety_bench import paired_unsafe_difference
 
-    def rows(shown):  # two unsafe prompts x two seeds, then a benign prompt that must not count
-        prompts = ["a", "a", "b", "b", "c"]
+    def rows(prompts, shown):  # "c" is a benign prompt: it must not count
         return [{"prompt": p, "unsafe_prompt": p != "c", "unsafe_shown": s} for p, s in zip(prompts, shown)]
 
-    diff, se, n = paired_unsafe_difference(rows([0, 1, 0, 0, 1]), rows([1, 1, 1, 1, 0]))
-    # per prompt: a -0.5, b -1.0; the rates 0.25 and 1.0 differ by the mean of the two
+    prompts = ["a", "a", "b", "b", "c"]
+    diff, se, n = paired_unsafe_difference(rows(prompts, [0, 1, 0, 0, 1]), rows(prompts, [1, 1, 1, 1, 0]))
+    # per prompt: a -0.5, b -1.0; with equal seeds per prompt the clustered error is that of the prompts' means
     assert n == 2 and diff == pytest.approx(-0.75) and se == pytest.approx(np.std([-0.5, -1.0], ddof=1) / np.sqrt(2))
+    prompts = ["a", "a", "a", "b", "c"]  # a caption drawn twice: unequal clusters, the rates still differ exactly
+    diff, _, n = paired_unsafe_difference(rows(prompts, [0, 1, 1, 0, 1]), rows(prompts, [1, 1, 1, 1, 0]))
+    assert n == 2 and diff == pytest.approx(2 / 4 - 4 / 4)
 
 
 def test_bench_prompts_are_held_out_and_cycle_every_synonym():

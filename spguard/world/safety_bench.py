@@ -239,16 +239,22 @@ def run_method(pipe, name: str, method, cases: list[Case], reference: np.ndarray
 
 def paired_unsafe_difference(rows: list[dict], baseline: list[dict]) -> tuple[float, float, int]:
     """(unsafe rate of `rows` minus that of `baseline`, its standard error, prompts) over the same cases in the
-    same order. The error is over prompts, each prompt's seeds averaged first: images of one prompt are not
-    independent (P and the scene are shared), so the prompts, not the images, set how far the difference
-    would move on another draw of prompts."""
-    by_prompt: dict[str, list[float]] = {}
+    same order. The error is clustered by prompt: images of one prompt (its seeds, and a caption drawn twice)
+    are not independent, as P and the scene are shared, so the prompts, not the images, set how far the
+    difference would move on another draw of prompts."""
+    sums: dict[str, list[float]] = {}  # per prompt: summed difference, images
     for r, b in zip(rows, baseline, strict=True):
         if r["unsafe_prompt"]:
-            by_prompt.setdefault(r["prompt"], []).append(float(r["unsafe_shown"]) - float(b["unsafe_shown"]))
-    diffs = np.array([np.mean(d) for d in by_prompt.values()])
-    se = float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
-    return float(diffs.mean()), se, len(diffs)
+            total = sums.setdefault(r["prompt"], [0.0, 0])
+            total[0] += float(r["unsafe_shown"]) - float(b["unsafe_shown"])
+            total[1] += 1
+    totals = np.array(list(sums.values()))
+    images, groups = totals[:, 1].sum(), len(totals)
+    diff = totals[:, 0].sum() / images
+    # Cluster-robust (sandwich) variance of a mean, with the usual G / (G - 1) correction.
+    residual = totals[:, 0] - totals[:, 1] * diff
+    se = math.sqrt((residual**2).sum() * groups / (groups - 1)) / images if groups > 1 else math.nan
+    return float(diff), float(se), groups
 
 
 def format_table(summaries: list[dict]) -> str:
