@@ -52,7 +52,7 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 #   On 96 + 72 tuning prompts (2 seeds): 0.521 / 0.657 / 0.779 at 0.75 / 1.0 / 1.25 with q 0.95, 0.614 / 0.743 /
 #   0.800 with q 0.98 (SLD-max 0.564), PSNR 47.4 / 46.5 / 46.7 dB at q 0.95 (SLD-medium 46.3), kept 1.000 in
 #   every row. Stronger is not safer: per prompt, removal flips with lambda_max (a perturbation of the
-#   trajectory more than a push), and 7 of 83 guided unsafe images switch to the other unsafe class.
+#   trajectory more than a push), and 7 of 79 guided unsafe images switch to the other unsafe class.
 #   At lambda_max <= 1 the cosine schedule is constant (it ends at min(1, lambda_max)).
 # - harmfulness_threshold 0.2: 0.979 of benign prompts unguided (0.974 on 100 benign prompts); at 0.28 the
 #   unsafe rate rises to 0.736, more than 0.05 above SLD-max's. The paper's P+ > 0 rule would guide about a
