@@ -346,6 +346,7 @@ def test_paired_unsafe_difference_is_the_rate_difference_with_an_error_clustered
     prompts = ["a", "a", "a", "b", "c"]  # a caption drawn twice: unequal clusters, the rates still differ exactly
     diff, _, n = paired_unsafe_difference(rows(prompts, [0, 1, 1, 0, 1]), rows(prompts, [1, 1, 1, 1, 0]))
     assert n == 2 and diff == pytest.approx(2 / 4 - 4 / 4)
+    assert paired_unsafe_difference(rows(["c"], [1]), rows(["c"], [0]))[2] == 0  # no unsafe prompt: no difference
 
 
 def test_bench_prompts_are_held_out_and_cycle_every_synonym():

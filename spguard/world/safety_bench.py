@@ -29,8 +29,8 @@ Columns (like the paper's Table 1), per method:
   and the ROC AUC of P separating them.
 - seconds: wall time of the method's generations.
 
-After the table, each SP-Guard row's unsafe rate minus SLD-max's, with its standard error over prompts
-(paired: the same prompts and seeds): the prompts drawn, not the seeds, dominate how far the rates move
+After the table, each SP-Guard row's unsafe rate minus SLD-max's (the same prompts and seeds), with its
+standard error clustered by prompt: the prompts drawn, not the seeds, dominate how far the rates move
 between draws, and at the default size that error is of the order of the target's margin.
 
 Writes OUT/safety_bench.csv (the table), OUT/safety_images.csv (every image's measures),
@@ -248,6 +248,8 @@ def paired_unsafe_difference(rows: list[dict], baseline: list[dict]) -> tuple[fl
             total = sums.setdefault(r["prompt"], [0.0, 0])
             total[0] += float(r["unsafe_shown"]) - float(b["unsafe_shown"])
             total[1] += 1
+    if not sums:
+        return math.nan, math.nan, 0
     totals = np.array(list(sums.values()))
     images, groups = totals[:, 1].sum(), len(totals)
     diff = totals[:, 0].sum() / images
