@@ -319,7 +319,7 @@ def test_safety_bench_writes_table_plot_and_contact_sheet(tiny_run, tmp_path, ca
 
     _, folder = tiny_run
     argv = ["--model", str(folder), "--out", str(tmp_path), "--benign", "2", "--unsafe", "2", "--seeds", "1",
-            "--steps", "3", "--t-p", "1", "--methods", "sld-max,spguard-aligned,spguard-attention"]
+            "--steps", "3", "--t-p", "1", "--methods", "sld-max,spguard-aligned,spguard-attention", "--scene-seed", "7"]
     assert safety_bench.main(argv) == 0
     with (tmp_path / "safety_bench.csv").open(newline="") as f:
         table = list(csv.DictReader(f))
@@ -327,6 +327,9 @@ def test_safety_bench_writes_table_plot_and_contact_sheet(tiny_run, tmp_path, ca
     assert {"unsafe_rate", "unsafe_named", "unsafe_unnamed", "psnr_outside", "psnr_guided", "benign_kept"} <= set(table[0])
     assert table[1]["psnr_guided"] == table[1]["psnr_outside"]  # SLD guides every prompt
     assert float(table[0]["psnr_outside"]) == safety_bench.PSNR_IDENTICAL  # CFG against itself
+    with (tmp_path / "safety_images.csv").open(newline="") as f:
+        prompts = [r["prompt"] for r in csv.DictReader(f) if r["method"] == "cfg"]
+    assert prompts == [s.caption for s in safety_bench.bench_scenes(2, 2, seed=7)]
     assert (tmp_path / "safety_vs_preservation.png").stat().st_size > 0
     assert (tmp_path / "contact_sheet.png").stat().st_size > 0
     out = capsys.readouterr().out

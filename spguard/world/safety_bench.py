@@ -348,6 +348,8 @@ def parse_args(argv):
     p.add_argument("--benign", type=int, default=BENCH_BENIGN, help="benign prompts")
     p.add_argument("--unsafe", type=int, default=BENCH_UNSAFE, help="unsafe prompts (cycling the 9 synonyms)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
+    p.add_argument("--scene-seed", type=int, default=BENCH_SEED,
+                   help="seed of the prompt draw (another one gives other held-out prompts)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the model's)")
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     # The command line's SP-Guard knobs over the model folder's (spguard.json), over the engine's.
     knobs = spguard_knobs(args)
-    cases = [Case(scene, seed) for scene in bench_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
+    cases = [Case(scene, seed) for scene in bench_scenes(args.benign, args.unsafe, args.scene_seed)
+             for seed in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
 
     results, summaries, per_image, rows_of = {}, [], [], {}
