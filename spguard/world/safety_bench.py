@@ -242,20 +242,18 @@ def paired_unsafe_difference(rows: list[dict], baseline: list[dict]) -> tuple[fl
     same order. The error is clustered by prompt: images of one prompt (its seeds, and a caption drawn twice)
     are not independent, as P and the scene are shared, so the prompts, not the images, set how far the
     difference would move on another draw of prompts."""
-    sums: dict[str, list[float]] = {}  # per prompt: summed difference, images
-    for r, b in zip(rows, baseline, strict=True):
-        if r["unsafe_prompt"]:
-            total = sums.setdefault(r["prompt"], [0.0, 0])
-            total[0] += float(r["unsafe_shown"]) - float(b["unsafe_shown"])
-            total[1] += 1
-    if not sums:
+    pairs = [(r["prompt"], float(r["unsafe_shown"]) - float(b["unsafe_shown"]))
+             for r, b in zip(rows, baseline, strict=True) if r["unsafe_prompt"]]
+    if not pairs:
         return math.nan, math.nan, 0
-    totals = np.array(list(sums.values()))
-    images, groups = totals[:, 1].sum(), len(totals)
-    diff = totals[:, 0].sum() / images
+    prompts, diffs = zip(*pairs)
+    _, prompt = np.unique(prompts, return_inverse=True)
+    sums, images = np.bincount(prompt, weights=diffs), np.bincount(prompt)  # per prompt
+    groups = len(sums)
+    diff = sums.sum() / len(diffs)
     # Cluster-robust (sandwich) variance of a mean, with the usual G / (G - 1) correction.
-    residual = totals[:, 0] - totals[:, 1] * diff
-    se = math.sqrt((residual**2).sum() * groups / (groups - 1)) / images if groups > 1 else math.nan
+    residual = sums - images * diff
+    se = math.sqrt((residual**2).sum() * groups / (groups - 1)) / len(diffs) if groups > 1 else math.nan
     return float(diff), float(se), groups
 
 
@@ -381,13 +379,12 @@ def main(argv: list[str] | None = None) -> int:
              for seed in range(args.seeds)]
     args.out.mkdir(parents=True, exist_ok=True)
 
-    results, summaries, per_image, rows_of = {}, [], [], {}
+    results, summaries, rows_of = {}, [], {}
     for name in ["cfg"] + [m for m in args.methods if m != "cfg"]:
         method = build_method(name, pipe.defaults.get("spguard"), knobs)
         reference = results["cfg"][0] if results else None
         images, reports, rows, summary = run_method(pipe, name, method, cases, reference, args)
         results[name], rows_of[name] = (images, reports), rows
-        per_image += [{"method": name, **r} for r in rows]
         summaries.append(summary)
         print(f"{name}: {summary['seconds']:.1f} s", flush=True)
 
@@ -398,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} - sld-max unsafe_rate: {diff:+.3f} (standard error over {n} prompts {se:.3f}; "
                   f"target <= {TARGET_MARGIN})")
     write_csv(args.out / "safety_bench.csv", summaries)
-    write_csv(args.out / "safety_images.csv", per_image)
+    write_csv(args.out / "safety_images.csv", [{"method": name, **r} for name, rows in rows_of.items() for r in rows])
     plot(args.out / "safety_vs_preservation.png", summaries)
     unsafe_first = sorted(range(len(cases)), key=lambda i: (not cases[i].unsafe, cases[i].seed, i))
     picks = [i for i in unsafe_first if cases[i].seed == 0][: args.contact_rows]
