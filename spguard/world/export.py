@@ -28,36 +28,32 @@ SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they 
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
 # SP-Guard's knobs for this model, chosen with benchmarks/tune_safety.py and benchmarks/diagnose_spguard.py on
-# prompts disjoint from the safety benchmark's (48 benign + 36 unsafe, 2 seeds, unless said), on the world-v2
-# weights at guidance 1.25, judged by the detector's colour and shape passes (docs/design.md, "The detector";
-# README, "The embedded model"; the concepts are model.DEFAULT_CONCEPTS). Target rows on these prompts:
-# SLD-max unsafe rate 0.667, SLD-medium PSNR outside 45.4 dB and benign objects kept 1.000.
-# - t_p 5 (a quarter of the steps; the paper's share is a fifth): ROC AUC of P 0.965 at t_p 5 on 200 benign
-#   and 36 unsafe tuning prompts x 2 seeds (0.932 at 4, 0.978 at 6).
+# prompts disjoint from the safety benchmark's (safety_bench.tuning_scenes, 2 seeds), on the world-v2 weights
+# at guidance 1.25, judged by the detector's colour and shape passes (docs/design.md, "The detector"; README,
+# "The embedded model"; the concepts are model.DEFAULT_CONCEPTS).
+# - t_p 6, harmfulness_threshold 0.26, q 0.9 (the paper's), lambda_max 0.65: chosen on 200 benign + 144
+#   unsafe tuning prompts x 2 seeds (652 images) by the rule "benign objects kept and benign unchanged at
+#   their targets, then the lowest unsafe rate" (SLD-max 0.569, SLD-medium kept 1.000 and PSNR 45.9 dB there).
+#   P's ROC AUC there: 0.950 at t_p 5, 0.971 at 6, 0.977 at 7 (uniform mean of Eq. 6; weighting later steps,
+#   cosines over windows or over the largest |d_s| separate worse: benchmarks/harmfulness_variants.py). Rows
+#   (t_p, threshold, q, lambda_max: unsafe / kept / unchanged): 5, 0.2, 0.95, 0.75 (the previous defaults):
+#   0.638 / 0.993 / 0.941; 5, 0.26: 0.696 / 0.993 / 0.971; 6, 0.2: 0.645 / 1.000 / 0.923; 6, 0.26, 0.95, 0.75:
+#   0.670 / 1.000 / 0.968; 6, 0.26, 0.9, 0.65: 0.645 / 1.000 / 0.968 (PSNR outside 50.5 dB); 0.9, 0.75: 0.630 /
+#   0.993; 0.9, 0.85: 0.667 / 0.993; 0.9, 0.5: 0.761; 0.85, 0.65: 0.645 / 1.000 (49.3 dB); 0.85, 0.75: 0.641 /
+#   0.993. Guiding each guided prompt away from both concepts (not only the most similar one) was worse: 0.692
+#   and 0.678 against 0.670 and 0.638. On 96 + 72 tuning prompts earlier: 0.521 / 0.657 / 0.779 at lambda_max
+#   0.75 / 1.0 / 1.25 with q 0.95 (SLD-max 0.564): stronger is not safer (per prompt, removal flips with
+#   lambda_max, a perturbation of the trajectory more than a push; 7 of 79 guided unsafe images switched to
+#   the other unsafe class). At lambda_max <= 1 the cosine schedule is constant (it ends at min(1, lambda_max)).
 # - mask: aligned, its scores summed over phase 2 (docs/design.md, "The aligned mask"). The noise mask (Eq. 8)
 #   erases benign objects (kept 0.943 at q 0.93 and lambda_max 4, 0.914 at q 0.85, against aligned's 1.000 /
 #   0.986); the attention mask has no signal, as this small model's cross-attention is nearly uniform over
 #   the tokens (1.01x its image mean in the unsafe object's cell).
-# - q 0.95, cosine schedule: strong guidance recolours the unsafe object instead of removing it (Eq. 7's
-#   lambda(i) P+: unsafe rate 0.903 at lambda_max 64 and q 0.97; 0.792 at 4, 0.639 at 2, 0.750 at 1.5, all at
-#   q 0.95). Strength near 1 inside the region cancels the concept's direction where the prompt draws what the
-#   concept would, and the model draws background there. At lambda_max 2: q 0.9 / 0.95 / 0.97 give unsafe
-#   0.681 / 0.639 / 0.792 and PSNR outside 45.6 / 50.6 / 54.6 dB; the step schedule 0.722 / 0.736.
-# - scale_by_harmfulness False, lambda_max 0.75 (docs/design.md, "Strength"): P+ scaling steered prompts with
-#   P 0.2-0.3 too weakly to remove anything and high-P prompts back into the object in inverse colours. Unsafe
-#   rate, 48 + 36 tuning prompts (those not in the benchmark), 2 seeds: 0.729 / 0.614 / 0.571 / 0.529 / 0.600
-#   at lambda_max 0.5 / 0.6 / 0.75 / 0.85 / 1.0 (scaled, lambda_max 2: 0.629; SLD-max 0.657), PSNR outside
-#   53.2 / 50.9 / 48.8 / 47.0 / 46.0 dB (SLD-medium 45.4); on 120 + 54 tuning prompts: 0.491 / 0.557 / 0.632 at
-#   0.75 / 0.85 / 1.0 (scaled, lambda_max 2: 0.602; SLD-max 0.557), PSNR 46.4 / 45.9 / 45.2 dB (SLD-medium 46.5).
-#   On 96 + 72 tuning prompts (2 seeds): 0.521 / 0.657 / 0.779 at 0.75 / 1.0 / 1.25 with q 0.95, 0.614 / 0.743 /
-#   0.800 with q 0.98 (SLD-max 0.564), PSNR 47.4 / 46.5 / 46.7 dB at q 0.95 (SLD-medium 46.3), kept 1.000 in
-#   every row. Stronger is not safer: per prompt, removal flips with lambda_max (a perturbation of the
-#   trajectory more than a push), and 7 of 79 guided unsafe images switch to the other unsafe class.
-#   At lambda_max <= 1 the cosine schedule is constant (it ends at min(1, lambda_max)).
-# - harmfulness_threshold 0.2: 0.979 of benign prompts unguided (0.974 on 100 benign prompts); at 0.28 the
-#   unsafe rate rises to 0.736, more than 0.05 above SLD-max's. The paper's P+ > 0 rule would guide about a
-#   third of benign prompts here, as benign P spreads around 0.
-SPGUARD_DEFAULTS = {"t_p": 5, "harmfulness_threshold": 0.2, "mask": "aligned", "lambda_max": 0.75, "q": 0.95,
+# - scale_by_harmfulness False (docs/design.md, "Strength"): Eq. 7's P+ scaling steered prompts with P 0.2-0.3
+#   too weakly to remove anything and high-P prompts back into the object in inverse colours (48 + 36 tuning
+#   prompts: unsafe 0.629 scaled at lambda_max 2 against 0.571 unscaled at 0.75; SLD-max 0.657).
+# - The paper's P+ > 0 rule would guide about a third of benign prompts here, as benign P spreads around 0.
+SPGUARD_DEFAULTS = {"t_p": 6, "harmfulness_threshold": 0.26, "mask": "aligned", "lambda_max": 0.65, "q": 0.9,
                     "schedule": "cosine", "scale_by_harmfulness": False}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {

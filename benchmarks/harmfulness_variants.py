@@ -1,0 +1,145 @@
+"""How well does the harmfulness P separate unsafe from benign prompts, measured as the paper does (Eq. 6)
+and in the other ways the paper leaves room for? On the tuning prompts (disjoint from the safety
+benchmark's, safety_bench.tuning_scenes), for each definition and each t_p: ROC AUC, unsafe against benign
+prompts, and the share of unsafe prompts above the benign prompts' 96.5th percentile (what a threshold
+that leaves 96.5% of benign prompts unguided would guide).
+
+    python benchmarks/harmfulness_variants.py --benign 200 --unsafe 144 --seeds 2
+
+A recording method (it plugs into the pipeline like any other) draws CFG images while it keeps d_p and
+every concept's d_s for the first --max-t-p steps; every definition is then computed from those.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import spguard.world  # noqa: F401 - model_index.json names this package for the vae component
+from spguard.evaluate import roc_auc
+from spguard.methods import Guider, cfg
+from spguard.models import PACKAGED_MODEL
+from spguard.pipeline import SafeDiffusionPipeline
+from spguard.world import safety_bench
+
+BENIGN_UNGUIDED = 0.965  # the benign share a threshold leaves unguided (target 0.95, with room for the draw)
+T_PS = (4, 5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class RecordPhase1:
+    """CFG that keeps d_p = e_p - e_u (B, T, C, H, W) and d_s = e_s - e_u for every concept (B, T, J, C, H, W)
+    over the first `steps` steps; each generation's recorder is appended to `recorders`."""
+
+    steps: int
+    recorders: list = field(default_factory=list, compare=False, repr=False)
+    name = "record-phase1"
+
+    def negative_text(self, given, concepts):
+        return given
+
+    def concept_texts(self, concepts):
+        return tuple(concepts)
+
+    def start(self, batch_size, num_steps, guidance_scale, concepts, report_masks=False):
+        self.recorders.append(_Recorder(self.steps, batch_size, guidance_scale, concepts))
+        return self.recorders[-1]
+
+
+class _Recorder(Guider):
+    def __init__(self, steps, batch_size, guidance_scale, concepts):
+        self.steps, self.batch_size, self.guidance_scale = steps, batch_size, guidance_scale
+        n = len(concepts.texts)
+        samples = torch.arange(batch_size)
+        self.rows = concepts.rows(samples.repeat_interleave(n), torch.arange(n).repeat(batch_size))
+        self.d_p, self.d_s = [], []
+
+    def guide(self, i, e_u, e_p, e_s):
+        if i < self.steps:
+            self.d_p.append(e_p - e_u)
+            self.d_s.append(e_s.unflatten(0, (self.batch_size, -1)) - e_u[:, None])
+            if i == self.steps - 1:
+                self.rows = None  # recorded: the rest is plain CFG
+        return cfg(e_u, e_p, self.guidance_scale)
+
+    def reports(self):
+        return [{"harmfulness": None, "concept": None, "guided": False, "guided_steps": [], "mask_coverage": []}
+                for _ in range(self.batch_size)]
+
+
+def cosine(a, b, dims):
+    return (a * b).sum(dims) / ((a * a).sum(dims) * (b * b).sum(dims)).sqrt().clamp_min(1e-12)
+
+
+def window_cosine(d_p, d_s, k):
+    """Per step and concept, the largest cosine over k x k windows of latent pixels (stride 1)."""
+    def pool(x):  # (B, T, J, H, W) -> window sums
+        return F.avg_pool2d(x.flatten(0, 2)[:, None], k, 1)[:, 0].unflatten(0, x.shape[:3])
+    dot, pp, ss = (d_p * d_s).sum(3), (d_p * d_p).sum(3).expand_as(d_s[:, :, :, 0]), (d_s * d_s).sum(3)
+    return (pool(dot) / (pool(pp) * pool(ss)).sqrt().clamp_min(1e-12)).flatten(3).amax(-1)
+
+
+def top_cosine(d_p, d_s, q):
+    """Per step and concept, the cosine over the elements where |d_s| exceeds its q-quantile (Eq. 8's region)."""
+    flat_s = d_s.flatten(3)
+    region = (flat_s.abs() > flat_s.abs().quantile(q, dim=-1, keepdim=True)).float()
+    return cosine(d_p.expand_as(d_s).flatten(3) * region, flat_s * region, -1)
+
+
+def definitions(d_p, d_s):
+    """name -> (per-step score (B, T, J), step weights as a function of t_p)."""
+    d_p = d_p[:, :, None]
+    uniform = lambda t_p: torch.ones(t_p)  # noqa: E731
+    per_step = cosine(d_p, d_s, (3, 4, 5))
+    centred = d_s - d_s.mean(2, keepdim=True)
+    return {
+        "Eq. 6: mean cosine": (per_step, uniform),
+        "linearly weighted steps": (per_step, lambda t_p: torch.arange(1.0, t_p + 1)),
+        "steps 1.. only": (per_step, lambda t_p: (torch.arange(t_p) >= 1).float()),
+        "last 2 steps": (per_step, lambda t_p: (torch.arange(t_p) >= t_p - 2).float()),
+        "windows 4x4, max": (window_cosine(d_p, d_s, 4), uniform),
+        "windows 8x8, max": (window_cosine(d_p, d_s, 8), uniform),
+        "top 10% of |d_s|": (top_cosine(d_p, d_s, 0.9), uniform),
+        "top 50% of |d_s|": (top_cosine(d_p, d_s, 0.5), uniform),
+        "concepts centred": (cosine(d_p, centred, (3, 4, 5)), uniform),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=PACKAGED_MODEL)
+    p.add_argument("--seeds", type=int, default=2)
+    safety_bench.add_tuning_arguments(p)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = SafeDiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    cases = [(s, seed) for s in safety_bench.tuning_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
+    unsafe = np.array([s.unsafe for s, _ in cases])
+    method = RecordPhase1(max(T_PS))
+    for i in range(0, len(cases), args.batch_size):
+        chunk = cases[i : i + args.batch_size]
+        pipe([s.caption for s, _ in chunk], method=method, seed=[seed for _, seed in chunk], output_type="np")
+    d_p = torch.cat([torch.stack(r.d_p, 1) for r in method.recorders]).float()
+    d_s = torch.cat([torch.stack(r.d_s, 1) for r in method.recorders]).float()
+    print(f"{int(unsafe.sum())} unsafe and {int((~unsafe).sum())} benign prompt-seeds; per definition and t_p: "
+          f"ROC AUC / share of unsafe above the benign {BENIGN_UNGUIDED:.3f} quantile")
+    for name, (score, weights) in definitions(d_p, d_s).items():
+        cells = []
+        for t_p in T_PS:
+            w = weights(t_p)
+            harmfulness = ((score[:, :t_p] * w[None, :, None]).sum(1) / w.sum()).amax(1).numpy()
+            threshold = np.quantile(harmfulness[~unsafe], BENIGN_UNGUIDED)
+            cells.append(f"t_p {t_p}: {roc_auc(harmfulness, unsafe):.3f} / {np.mean(harmfulness[unsafe] > threshold):.2f}")
+        print(f"{name:26s} " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
