@@ -82,9 +82,9 @@ def main() -> None:
     method = SPGuard.with_defaults(pipe.defaults.get("spguard"), **json.loads(args.knobs))
     if args.objects:
         return p_by_object(pipe, method, args.seeds)
-    cases = [(s, seed) for s in safety_bench.tuning_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
-    prompts = [s.caption for s, _ in cases]
-    seeds = [seed for _, seed in cases]
+    cases = safety_bench.cases(safety_bench.tuning_scenes(args.benign, args.unsafe), args.seeds)
+    prompts = [c.scene.caption for c in cases]
+    seeds = [c.seed for c in cases]
     factor = pipe.vae_scale_factor
 
     cfg = to_pixels(pipe(prompts, method="cfg", seed=seeds, output_type="np").images)
@@ -98,7 +98,7 @@ def main() -> None:
                callback_on_step_end_tensor_inputs=["guidance_mask"])
     reports = out.reports
     p_values = [r.harmfulness for r in reports]
-    labels = [s.unsafe for s, _ in cases]
+    labels = [c.unsafe for c in cases]
     benign_p = np.array([pv for pv, u in zip(p_values, labels) if not u])
     print(f"P: auc={roc_auc(p_values, labels):.3f} mean unsafe={np.mean([pv for pv, u in zip(p_values, labels) if u]):.3f} "
           f"benign={benign_p.mean():.3f} benign above threshold={np.mean(benign_p > method.harmfulness_threshold):.3f} "
@@ -106,7 +106,7 @@ def main() -> None:
 
     steps = sorted(i for i in masks if i >= method.t_p)
     rows = {i: [] for i in steps}
-    for b, (scene, _) in enumerate(cases):
+    for b, scene in enumerate(c.scene for c in cases):
         if not (scene.unsafe and reports[b].guided):
             continue
         unsafe, benign = object_cells(cfg[b], factor)

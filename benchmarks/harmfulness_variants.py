@@ -121,12 +121,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
-    cases = [(s, seed) for s in safety_bench.tuning_scenes(args.benign, args.unsafe) for seed in range(args.seeds)]
-    unsafe = np.array([s.unsafe for s, _ in cases])
+    cases = safety_bench.cases(safety_bench.tuning_scenes(args.benign, args.unsafe), args.seeds)
+    unsafe = np.array([c.unsafe for c in cases])
     method = RecordPhase1(max(T_PS))
     for i in range(0, len(cases), args.batch_size):
         chunk = cases[i : i + args.batch_size]
-        pipe([s.caption for s, _ in chunk], method=method, seed=[seed for _, seed in chunk], output_type="np")
+        pipe([c.scene.caption for c in chunk], method=method, seed=[c.seed for c in chunk], output_type="np")
     d_p = torch.cat([torch.stack(r.d_p, 1) for r in method.recorders]).float()
     d_s = torch.cat([torch.stack(r.d_s, 1) for r in method.recorders]).float()
     print(f"{int(unsafe.sum())} unsafe and {int((~unsafe).sum())} benign prompt-seeds; per definition and t_p: "

@@ -50,7 +50,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     run_args = SimpleNamespace(batch_size=64, steps=None, guidance_scale=None)
     scenes = safety_bench.tuning_scenes(args.benign, args.unsafe)
-    cases = [safety_bench.Case(scene, seed) for scene in scenes for seed in range(args.seeds)]
+    cases = safety_bench.cases(scenes, args.seeds)
 
     def show(summary):
         print(f"{summary['method']:70s} " + " ".join(f"{c}={summary[c]:.3f}" for c in COLUMNS if c in summary),

@@ -362,6 +362,17 @@ def test_bench_prompts_are_held_out_and_cycle_every_synonym():
     assert words == {w for ws in SYNONYMS.values() for w in ws}
 
 
+def test_bench_cases_give_every_prompt_its_own_seeds():
+    # A seed shared by every prompt makes the rates hinge on a few noise draws (safety_bench.cases).
+    from spguard.world.safety_bench import bench_scenes, cases
+
+    scenes = bench_scenes(3, 4)
+    found = cases(scenes, 3)
+    assert [c.scene for c in found] == [s for s in scenes for _ in range(3)]
+    assert len({c.seed for c in found}) == len(found) == 21
+    assert cases(scenes, 3)[:6] == found[:6] and cases(scenes[:2], 3) == found[:6]  # a prefix keeps its seeds
+
+
 def test_tuning_prompts_never_include_the_benchmarks():
     from spguard.world import safety_bench
 

@@ -107,6 +107,14 @@ def bench_scenes(n_benign: int, n_unsafe: int, seed: int = BENCH_SEED) -> list[S
     return scenes
 
 
+def cases(scenes: list[Scene], seeds: int) -> list[Case]:
+    """`seeds` cases per scene, every case with its own seed (scene i gets i * seeds ... i * seeds + seeds - 1),
+    as I2P gives each prompt its own seed. With the same seeds for every scene, each seed's noise is shared by
+    all prompts, and the rates depend on a handful of noise draws: on the packaged model, the previous
+    benchmark's seed 0 left SLD-max's unsafe rate at 0.32 and seed 2 at 0.92, over the same 72 prompts."""
+    return [Case(scene, i * seeds + k) for i, scene in enumerate(scenes) for k in range(seeds)]
+
+
 def tuning_scenes(n_benign: int, n_unsafe: int) -> list[Scene]:
     """Scenes built like the benchmark's from TUNE_SEED, without any caption the default benchmark uses,
     so tuning never sees the benchmark's prompts."""
@@ -375,15 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     # The command line's SP-Guard knobs over the model folder's (spguard.json), over the engine's.
     knobs = spguard_knobs(args)
-    cases = [Case(scene, seed) for scene in bench_scenes(args.benign, args.unsafe, args.scene_seed)
-             for seed in range(args.seeds)]
+    bench_cases = cases(bench_scenes(args.benign, args.unsafe, args.scene_seed), args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
 
     results, summaries, rows_of = {}, [], {}
     for name in ["cfg"] + [m for m in args.methods if m != "cfg"]:
         method = build_method(name, pipe.defaults.get("spguard"), knobs)
         reference = results["cfg"][0] if results else None
-        images, reports, rows, summary = run_method(pipe, name, method, cases, reference, args)
+        images, reports, rows, summary = run_method(pipe, name, method, bench_cases, reference, args)
         results[name], rows_of[name] = (images, reports), rows
         summaries.append(summary)
         print(f"{name}: {summary['seconds']:.1f} s", flush=True)
@@ -397,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(args.out / "safety_bench.csv", summaries)
     write_csv(args.out / "safety_images.csv", [{"method": name, **r} for name, rows in rows_of.items() for r in rows])
     plot(args.out / "safety_vs_preservation.png", summaries)
-    unsafe_first = sorted(range(len(cases)), key=lambda i: (not cases[i].unsafe, cases[i].seed, i))
-    picks = [i for i in unsafe_first if cases[i].seed == 0][: args.contact_rows]
-    contact_sheet(args.out / "contact_sheet.png", cases, results, picks)
+    first_seeds = range(0, len(bench_cases), args.seeds)  # each prompt once, unsafe ones first
+    picks = sorted(first_seeds, key=lambda i: not bench_cases[i].unsafe)[: args.contact_rows]
+    contact_sheet(args.out / "contact_sheet.png", bench_cases, results, picks)
     print(f"wrote {args.out}/safety_bench.csv, safety_images.csv, safety_vs_preservation.png, contact_sheet.png")
     return 0
