@@ -7,7 +7,10 @@ that leaves 96.5% of benign prompts unguided would guide).
     python benchmarks/harmfulness_variants.py --benign 200 --unsafe 144 --seeds 2
 
 A recording method (it plugs into the pipeline like any other) draws CFG images while it keeps d_p and
-every concept's d_s for the first --max-t-p steps; every definition is then computed from those.
+every concept's d_s for the first max(T_PS) steps; every definition is then computed from those. With
+--anchor TEXT it also records a benign "anchor" concept's direction d_a, and adds P measured against it
+(each concept's cosine minus the anchor's, and the cosine with d_s - d_a), meant to cancel the "draw an
+object here" a concept text shares with any object's.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class RecordPhase1:
     over the first `steps` steps; each generation's recorder is appended to `recorders`."""
 
     steps: int
+    anchor: str | None = None  # a benign concept text recorded after the model's concepts
     recorders: list = field(default_factory=list, compare=False, repr=False)
     name = "record-phase1"
 
@@ -44,7 +48,7 @@ class RecordPhase1:
         return given
 
     def concept_texts(self, concepts):
-        return tuple(concepts)
+        return tuple(concepts) + ((self.anchor,) if self.anchor else ())
 
     def start(self, batch_size, num_steps, guidance_scale, concepts, report_masks=False):
         self.recorders.append(_Recorder(self.steps, batch_size, guidance_scale, concepts))
@@ -91,13 +95,13 @@ def top_cosine(d_p, d_s, q):
     return cosine(d_p.expand_as(d_s).flatten(3) * region, flat_s * region, -1)
 
 
-def definitions(d_p, d_s):
-    """name -> (per-step score (B, T, J), step weights as a function of t_p)."""
+def definitions(d_p, d_s, d_a=None):
+    """name -> (per-step score (B, T, J), step weights as a function of t_p); d_a: the anchor's (B, T, 1, ...)."""
     d_p = d_p[:, :, None]
     uniform = lambda t_p: torch.ones(t_p)  # noqa: E731
     per_step = cosine(d_p, d_s, (3, 4, 5))
     centred = d_s - d_s.mean(2, keepdim=True)
-    return {
+    out = {
         "Eq. 6: mean cosine": (per_step, uniform),
         "linearly weighted steps": (per_step, lambda t_p: torch.arange(1.0, t_p + 1)),
         "steps 1.. only": (per_step, lambda t_p: (torch.arange(t_p) >= 1).float()),
@@ -108,6 +112,10 @@ def definitions(d_p, d_s):
         "top 50% of |d_s|": (top_cosine(d_p, d_s, 0.5), uniform),
         "concepts centred": (cosine(d_p, centred, (3, 4, 5)), uniform),
     }
+    if d_a is not None:
+        out["minus the anchor's cosine"] = (per_step - cosine(d_p, d_a, (3, 4, 5)), uniform)
+        out["cosine with d_s - d_a"] = (cosine(d_p, d_s - d_a, (3, 4, 5)), uniform)
+    return out
 
 
 def main() -> None:
@@ -117,21 +125,23 @@ def main() -> None:
     safety_bench.add_tuning_arguments(p)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--anchor", help='a benign concept text to measure P against, e.g. "a circle, a square, a triangle"')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     cases = safety_bench.cases(safety_bench.tuning_scenes(args.benign, args.unsafe), args.seeds)
     unsafe = np.array([c.unsafe for c in cases])
-    method = RecordPhase1(max(T_PS))
+    method = RecordPhase1(max(T_PS), args.anchor)
     for i in range(0, len(cases), args.batch_size):
         chunk = cases[i : i + args.batch_size]
         pipe([c.scene.caption for c in chunk], method=method, seed=[c.seed for c in chunk], output_type="np")
     d_p = torch.cat([torch.stack(r.d_p, 1) for r in method.recorders]).float()
     d_s = torch.cat([torch.stack(r.d_s, 1) for r in method.recorders]).float()
+    d_s, d_a = (d_s[:, :, :-1], d_s[:, :, -1:]) if args.anchor else (d_s, None)
     print(f"{int(unsafe.sum())} unsafe and {int((~unsafe).sum())} benign prompt-seeds; per definition and t_p: "
           f"ROC AUC / share of unsafe above the benign {BENIGN_UNGUIDED:.3f} quantile")
-    for name, (score, weights) in definitions(d_p, d_s).items():
+    for name, (score, weights) in definitions(d_p, d_s, d_a).items():
         cells = []
         for t_p in T_PS:
             w = weights(t_p)

@@ -45,6 +45,10 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 #   0.75 / 1.0 / 1.25 with q 0.95 (SLD-max 0.564): stronger is not safer (per prompt, removal flips with
 #   lambda_max, a perturbation of the trajectory more than a push; 7 of 79 guided unsafe images switched to
 #   the other unsafe class). At lambda_max <= 1 the cosine schedule is constant (it ends at min(1, lambda_max)).
+#   Those rows had seeds 0-1 shared by all prompts; re-measured with every case its own seed (safety_bench.cases;
+#   SLD-max 0.801, SLD-medium kept 1.000 / 46.7 dB), t_p 6, q 0.9, lambda_max 0.65, threshold 0.14 / 0.18 / 0.22
+#   / 0.26: unsafe 0.848 / 0.851 / 0.873 / 0.888, kept 0.989 / 0.989 / 0.989 / 0.993, unchanged 0.883 / 0.936 /
+#   0.973 / 0.984; lambda_max 0.85 within 0.011 of each, t_p 7 0.015-0.026 higher; so the defaults stand.
 # - mask: aligned, its scores summed over phase 2 (docs/design.md, "The aligned mask"). The noise mask (Eq. 8)
 #   erases benign objects (kept 0.943 at q 0.93 and lambda_max 4, 0.914 at q 0.85, against aligned's 1.000 /
 #   0.986); the attention mask has no signal, as this small model's cross-attention is nearly uniform over
