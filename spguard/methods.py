@@ -109,6 +109,13 @@ class Guider:
 
     rows: ConceptRows | None = None
     state_names: tuple[str, ...] = ()
+    # The step before which the loop keeps its state (latents, scheduler, random generators) so that the
+    # guider can later send it back there once (`rewind`); None: the guider never rewinds.
+    checkpoint_step: int | None = None
+
+    def rewind(self) -> int | None:
+        """After a step: the step the loop must go back to (its checkpoint_step), at most once; else None."""
+        return None
 
     def models(self, unet):
         """A context inside which the denoiser carries whatever this guider installs on it."""
@@ -250,6 +257,8 @@ class SPGuard:
     stop evaluating their concept rows after phase 1: they cost what CFG costs.
     `scale_by_harmfulness=False` departs from Eq. 7: every guided sample gets strength lambda(i), so P
     only decides, through the threshold, which samples are guided (docs/design.md, "Strength").
+    `guide_from` below t_p departs from the paper's timing: once P is known at t_p, a batch with a guided
+    sample goes back to step guide_from and guides from there (docs/design.md, "Guiding from before t_p").
     """
 
     lambda_max: float = 4.0
@@ -261,6 +270,7 @@ class SPGuard:
     t_drop: int | None = None  # the step schedule drops to 1.0 here; None: half of the steps
     harmfulness_threshold: float = 0.0
     scale_by_harmfulness: bool = True  # Eq. 7's P+ factor; False: lambda(i) alone for the guided samples
+    guide_from: int | None = None  # first guided step; None or >= t_p: t_p (the paper); below t_p the loop rewinds
     attention_layers: tuple[str, ...] | None = None  # substrings of attention-layer names; None: all
     name = "spguard"
 
@@ -271,6 +281,8 @@ class SPGuard:
             raise ValueError(f"t_p must be an integer of at least 1, got {self.t_p!r}")
         if self.t_drop is not None and not (is_integer(self.t_drop) and self.t_drop >= 0):
             raise ValueError(f"t_drop must be a non-negative integer, got {self.t_drop!r}")
+        if self.guide_from is not None and not (is_integer(self.guide_from) and self.guide_from >= 0):
+            raise ValueError(f"guide_from must be a non-negative integer, got {self.guide_from!r}")
         check_finite("lambda_max", self.lambda_max, minimum=0)
         threshold = self.harmfulness_threshold  # ±inf are meaningful: guide every prompt, or none
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
@@ -298,14 +310,19 @@ class SPGuard:
         parameters that are not None (a command line's unset flags)."""
         return cls(**{**(defaults or {}), **{k: v for k, v in given.items() if v is not None}})
 
+    @property
+    def first_guided_step(self) -> int:
+        return self.t_p if self.guide_from is None else min(self.guide_from, self.t_p)
+
     def strength(self, i: int, num_steps: int) -> float:
-        """lambda(i) of Eq. 7 for a phase-2 step i (t_p <= i < num_steps); never above lambda_max."""
+        """lambda(i) of Eq. 7 for a guided step i (first_guided_step <= i < num_steps); never above lambda_max."""
         late = min(LATE_STRENGTH, self.lambda_max)
         if self.schedule == "step":
             t_drop = num_steps // 2 if self.t_drop is None else self.t_drop
             return self.lambda_max if i < t_drop else late
-        # Cosine: from lambda_max at t_p down towards the late strength at the last step.
-        progress = (i - self.t_p) / max(num_steps - self.t_p, 1)
+        # Cosine: from lambda_max at the first guided step down towards the late strength at the last step.
+        start = self.first_guided_step
+        progress = (i - start) / max(num_steps - start, 1)
         return late + (self.lambda_max - late) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def negative_text(self, given, concepts):
@@ -324,6 +341,8 @@ class _SPGuardGuider(Guider):
     def __init__(self, method: SPGuard, batch_size, num_steps, guidance_scale, concepts: Concepts, report_masks):
         self.m, self.num_steps, self.guidance_scale, self.concepts = method, num_steps, guidance_scale, concepts
         self.t_p = min(method.t_p, num_steps)
+        self.start = min(method.first_guided_step, self.t_p)  # the first guided step
+        self.checkpoint_step = self.start if self.start < self.t_p else None
         self.batch_size, n = batch_size, len(concepts.texts)
         device = concepts.text.embeds.device
         samples = torch.arange(batch_size, device=device)
@@ -331,14 +350,16 @@ class _SPGuardGuider(Guider):
         self.similarity = torch.zeros(batch_size, n, device=device)  # running sum of Eq. 6's cosine
         self.coverage = torch.zeros(batch_size, num_steps, device=device)
         last = num_steps - 1
-        spread = sorted({round(self.t_p + k * (last - self.t_p) / (MASK_SNAPSHOTS - 1)) for k in range(MASK_SNAPSHOTS)})
-        self.snapshot_steps = spread if report_masks and self.t_p < num_steps else []
+        spread = sorted({round(self.start + k * (last - self.start) / (MASK_SNAPSHOTS - 1))
+                         for k in range(MASK_SNAPSHOTS)})
+        self.snapshot_steps = spread if report_masks and self.start < num_steps else []
         self.snapshots = None  # (B, S, H, W), allocated at the first phase-2 step
         self.active = None  # samples guided in phase 2, known after phase 1
         self.weight = None  # this step's M of the active samples (phase 2)
         self.aligned_sum = None  # the aligned mask's scores summed over the phase-2 steps so far
         self.capture = None  # the attention capture, while models() holds it
-        self.steps_run = 0
+        self.guided_steps = []  # the phase-2 steps run, in order
+        self.rewind_to = None  # set once at the end of phase 1 when the loop must go back to self.start
 
     @contextlib.contextmanager
     def models(self, unet):
@@ -357,9 +378,13 @@ class _SPGuardGuider(Guider):
         mask = torch.zeros_like(self.latent_like, dtype=torch.float32)
         return mask if self.weight is None else mask.index_copy_(0, self.active, self.weight)
 
+    def rewind(self) -> int | None:
+        step, self.rewind_to = self.rewind_to, None
+        return step
+
     def guide(self, i, e_u, e_p, e_s):
-        self.steps_run, self.weight, self.latent_like = i + 1, None, e_u
-        if i < self.t_p:
+        self.weight, self.latent_like = None, e_u
+        if self.active is None:  # phase 1
             e_s = e_s.unflatten(0, (self.batch_size, -1))
             eps, dot, sq_p, sq_s = ops.phase1_step(e_u, e_p, e_s, self.guidance_scale)
             self.similarity += safe_cosine(dot, sq_p[:, None], sq_s)  # Eq. 6
@@ -370,6 +395,7 @@ class _SPGuardGuider(Guider):
         if self.rows is None:
             return eps
         a = self.active
+        self.guided_steps.append(i)
         strength = self.m.strength(i, self.num_steps) * self.active_scale  # Eq. 7
         e_u_a, e_p_a = e_u.index_select(0, a), e_p.index_select(0, a)
         if self.m.mask == "attention":
@@ -399,14 +425,16 @@ class _SPGuardGuider(Guider):
         self.rows = self.concepts.rows(self.active, self.concept.index_select(0, self.active)) if n_active else None
         if self.rows is not None and self.capture is not None:
             self.capture.begin(self.rows.text.token_mask, tuple(latent_size))
+        if self.rows is not None and self.checkpoint_step is not None:
+            self.rewind_to = self.checkpoint_step
 
     def reports(self) -> list[dict]:
         if self.active is None:  # interrupted during phase 1: no harmfulness yet
             return _unguided(self.batch_size)
         harmfulness, concept = self.harmfulness.tolist(), self.concept.tolist()
         active = set(self.active.tolist())
-        coverage = self.coverage[:, self.t_p : self.steps_run].tolist()
-        steps = list(range(self.t_p, self.steps_run))
+        steps = self.guided_steps
+        coverage = self.coverage[:, steps].tolist()
         out = []
         for b in range(self.batch_size):
             guided = b in active and bool(steps)
@@ -414,15 +442,16 @@ class _SPGuardGuider(Guider):
                  "guided_steps": steps if guided else [], "mask_coverage": coverage[b] if guided else []}
             if self.snapshot_steps:
                 r["mask_snapshots"] = {
-                    s: (self.snapshots[b, k].tolist() if guided and self.snapshots is not None and s < self.steps_run
-                        else None) for k, s in enumerate(self.snapshot_steps)
+                    s: (self.snapshots[b, k].tolist() if guided and s in steps else None)
+                    for k, s in enumerate(self.snapshot_steps)
                 }
             out.append(r)
         return out
 
 
 # SP-Guard's fields a command line sets (`spguard generate`, `spguard bench safety`).
-SPGUARD_FLAGS = ("lambda_max", "q", "t_p", "mask", "schedule", "t_drop", "harmfulness_threshold", "scale_by_harmfulness")
+SPGUARD_FLAGS = ("lambda_max", "q", "t_p", "guide_from", "mask", "schedule", "t_drop", "harmfulness_threshold",
+                 "scale_by_harmfulness")
 
 
 def add_spguard_arguments(group, mask: bool = True) -> None:
@@ -433,6 +462,9 @@ def add_spguard_arguments(group, mask: bool = True) -> None:
     group.add_argument("--lambda-max", type=float, help=f"({engine.lambda_max})")
     group.add_argument("--q", type=float, help=f"({engine.q})")
     group.add_argument("--t-p", type=int, help=f"({engine.t_p})")
+    group.add_argument("--guide-from", type=int,
+                       help="first guided step; below t_p a batch with a guided prompt goes back to it once P is "
+                            "known (t_p or above: the paper's timing)")
     if mask:
         group.add_argument("--mask", choices=MASKS, help=f"({engine.mask})")
     group.add_argument("--schedule", choices=("step", "cosine"), help=f"({engine.schedule})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -262,9 +263,12 @@ class SafeDiffusionPipeline:
         callback_inputs = self._callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs, guider)
         self._interrupt = False
         with guider.models(self.unet), tqdm(total=len(timesteps), **self.progress_bar_config) as progress:
-            rows = None
+            rows, checkpoint, i = None, None, 0
             unet_kwargs = self._unet_kwargs(Text.cat([uncond, cond]), time_ids)
-            for i, t in enumerate(timesteps):
+            while i < len(timesteps):
+                t = timesteps[i]
+                if i == guider.checkpoint_step and checkpoint is None:
+                    checkpoint = self._checkpoint(latents, generator)
                 if guider.rows is not rows:  # the rows change at most once, after phase 1
                     rows = guider.rows
                     unet_kwargs = self._unet_kwargs(Text.cat([uncond, cond] + ([] if rows is None else [rows.text])),
@@ -282,10 +286,30 @@ class SafeDiffusionPipeline:
                 progress.update()
                 if self._interrupt:
                     break
+                back = guider.rewind()
+                if back is None:
+                    i += 1
+                else:  # the guider asks, once, for the steps from its checkpoint again (methods.Guider)
+                    progress.total += i + 1 - back
+                    latents, i = self._restore(checkpoint, generator), back
 
         images = self._decode(latents, output_type)
         reports = [Report(prompt=p, method=method.name, **r) for p, r in zip(prompts, guider.reports())]
         return SafeDiffusionOutput(images=images, reports=reports)
+
+    def _checkpoint(self, latents, generator) -> tuple:
+        """What a later step needs to start again from here: the latents, the scheduler's state (multistep
+        schedulers keep past outputs) and the random generators' states (stochastic schedulers)."""
+        generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
+        return latents, copy.deepcopy(self.scheduler.__dict__), [g.get_state() for g in generators]
+
+    def _restore(self, checkpoint, generator) -> torch.Tensor:
+        latents, scheduler_state, generator_states = checkpoint
+        self.scheduler.__dict__.update(copy.deepcopy(scheduler_state))
+        generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
+        for g, state in zip(generators, generator_states):
+            g.set_state(state)
+        return latents
 
     @staticmethod
     def _callback_inputs(callback, names, guider) -> list[str] | None:

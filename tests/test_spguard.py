@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from spguard import SPGuard
@@ -108,6 +109,64 @@ def test_without_harmfulness_scaling_every_guided_prompt_gets_lambda():
         assert np.abs(unscaled.images[k] - scaled.images[k]).max() > 1e-3
     with pytest.raises(ValueError, match="scale_by_harmfulness"):
         SPGuard(scale_by_harmfulness="no")
+
+
+def step_recorder(steps: list):
+    def callback(pipe, i, t, tensors):
+        steps.append(i)
+        return {}
+    return dict(callback_on_step_end=callback)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm-multistep", "euler-ancestral"])
+def test_guiding_from_before_t_p_equals_phase2_from_that_step(scheduler):
+    # With one concept, every prompt guided and lambda unscaled by P, the only difference between phase 2
+    # from step 2 and phase 2 from step 2 after going back from t_p = 5 is the detour, which the loop must
+    # undo exactly: latents, a multistep scheduler's past outputs, a stochastic scheduler's generators.
+    schedulers = {"dpm-multistep": DPMSolverMultistepScheduler, "euler-ancestral": EulerAncestralDiscreteScheduler}
+    def pipe():
+        p = ours()
+        if scheduler in schedulers:
+            p.scheduler = schedulers[scheduler].from_config(p.scheduler.config)
+        return p
+    every = dict(concepts=CONCEPT, harmfulness_threshold=float("-inf"), scale_by_harmfulness=False, mask="aligned")
+    steps = []
+    back = pipe()(MIXED, method=SPGuard(t_p=5, guide_from=2, **every), generator=[gen(k) for k in range(4)],
+                  num_inference_steps=STEPS, output_type="np", **step_recorder(steps))
+    direct = pipe()(MIXED, method=SPGuard(t_p=2, **every), generator=[gen(k) for k in range(4)],
+                    num_inference_steps=STEPS, output_type="np")
+    np.testing.assert_allclose(back.images, direct.images, atol=TIGHT)
+    assert steps == [0, 1, 2, 3, 4] + list(range(2, STEPS))
+    assert all(r.guided_steps == list(range(2, STEPS)) for r in back.reports)
+    assert np.abs(back.images - run(MIXED, "cfg").images).max() > 1e-3  # the guidance did something
+
+
+def test_guiding_from_before_t_p_leaves_unguided_prompts_as_cfg_draws_them():
+    method = SPGuard(t_p=4, guide_from=1, concepts=CONCEPT)
+    steps = []
+    out = run(MIXED, method, **step_recorder(steps))
+    plain, paper = run(MIXED, "cfg"), run(MIXED, SPGuard(t_p=4, concepts=CONCEPT))
+    guided = [r.guided for r in out.reports]
+    assert any(guided) and not all(guided), guided
+    assert steps == [0, 1, 2, 3] + list(range(1, STEPS))
+    for k, r in enumerate(out.reports):
+        assert r.harmfulness == pytest.approx(paper.reports[k].harmfulness, abs=1e-6)  # P is still Eq. 6 at t_p
+        if r.guided:
+            assert r.guided_steps == list(range(1, STEPS)) and len(r.mask_coverage) == STEPS - 1
+            assert np.abs(out.images[k] - paper.images[k]).max() > 1e-4
+        else:
+            np.testing.assert_allclose(out.images[k], plain.images[k], atol=TIGHT)
+    # A batch with no guided prompt never goes back; guide_from = t_p is the paper's timing.
+    benign = [p for p, g in zip(MIXED, guided) if not g]
+    steps.clear()
+    run(benign, method, **step_recorder(steps))
+    assert steps == list(range(STEPS))
+    for paper_timing in (4, 5):  # guide_from at or above t_p
+        np.testing.assert_array_equal(run(MIXED, SPGuard(t_p=4, guide_from=paper_timing, concepts=CONCEPT)).images,
+                                      paper.images)
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="guide_from"):
+            SPGuard(t_p=4, guide_from=bad)
 
 
 def test_noise_mask_selects_exactly_above_the_q_quantile():

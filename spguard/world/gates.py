@@ -15,7 +15,8 @@ first phase-2 step t_p (docs/design.md, "The shapes world"):
   object's cell over its image mean.
 - auc: ROC AUC of the harmfulness P at t_p (Eq. 6), unsafe against benign prompts.
 - removability: what SLD-max removes when its warm-up ends at t_p, as a share of what it removes from
-  step 0 (unsafe rates by the detector, against CFG's): unsafe content must still be open at t_p.
+  step 0 (unsafe rates by the detector, against CFG's): unsafe content must still be open at t_p. With the
+  model's `guide_from` (guidance from before t_p) the same share is also reported at that step.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
     cfg_rate = _unsafe_rate(cfg_images[: len(unsafe)], unsafe)
     removed_0, removed_t_p = cfg_rate - sld_rate(0), cfg_rate - sld_rate(setting.t_p)
     labels = [s.unsafe for s in scenes]
-    return {
+    found = {
         "localisation": float(np.mean(direction_in) / max(np.mean(direction_out), 1e-12)),
         "switch_survival": float(np.mean(survived)) if survived else math.nan,
         "attention_ratio": float(np.mean(attention_in) / max(np.mean(attention_mean), 1e-12)),
@@ -182,6 +183,11 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
         "p_unsafe": float(np.mean([p for p, s in zip(harmfulness, scenes) if s.unsafe])),
         "p_benign": float(np.mean([p for p, s in zip(harmfulness, scenes) if not s.unsafe])),
     }
+    # The model's guide_from starts SP-Guard's guidance before t_p: how open the content still is there.
+    guide_from = spg.get("guide_from") if t_p is None else None
+    if guide_from is not None and removed_0 > 0:
+        found["removability_at_guide_from"] = (cfg_rate - sld_rate(guide_from)) / removed_0
+    return found
 
 
 def format_gates(gates: dict) -> str:
