@@ -55,10 +55,10 @@ def compiled_steps(engine, prompt, steps, t_p, device, dtype) -> list[str]:
     """Phase-1 and phase-2 SP-Guard steps (UNet + guidance) under torch.compile(mode="reduce-overhead")."""
     unet = engine.unet
     h = w = unet.config.sample_size
-    cond, _ = engine._encode([prompt])
-    uncond = engine._encode_cached(("",))[0]
+    cond = engine._encode([prompt]).embeds
+    uncond = engine._encode_cached(("",)).embeds
     method = SPGuard(t_p=t_p, concepts=(prompt,))
-    concepts = Concepts(method.concepts, *engine._encode_cached(method.concepts))
+    concepts = Concepts(method.concepts, engine._encode_cached(method.concepts))
     results = []
     for phase, i in (("phase 1", 0), ("phase 2", t_p)):
         guider = method.start(1, steps, 7.5, concepts)
@@ -66,14 +66,14 @@ def compiled_steps(engine, prompt, steps, t_p, device, dtype) -> list[str]:
             e_u = torch.randn((1, 4, h, w), device=device, dtype=dtype)
             e_p = e_u + torch.randn_like(e_u)
             for j in range(t_p):
-                guider.guide(j, e_u, e_p, e_p, None)  # d_s = d_p: P = 1, the sample is guided in phase 2
-        embeds = torch.cat([uncond, cond, guider.rows.embeds])
+                guider.guide(j, e_u, e_p, e_p)  # d_s = d_p: P = 1, the sample is guided in phase 2
+        embeds = torch.cat([uncond, cond, guider.rows.text.embeds])
         x = torch.randn((1, 4, h, w), device=device, dtype=dtype)
         t = torch.tensor(500, device=device)
 
         def step(x, t, embeds):
             noise = unet(torch.cat([x, x, x]), t, encoder_hidden_states=embeds).sample
-            return guider.guide(i, noise[:1], noise[1:2], noise[2:], None)
+            return guider.guide(i, noise[:1], noise[1:2], noise[2:])
 
         try:
             torch._dynamo.reset()
@@ -130,7 +130,7 @@ def main() -> None:
     size = 32 if args.tiny else args.size
     engine = SafeDiffusionPipeline.from_components(**components).to(device, dtype)
     engine.set_progress_bar_config(disable=True)
-    t_p = args.steps // 5
+    t_p = max(1, args.steps // 5)
     print(f"gpu_e2e: {'tiny' if args.tiny else 'SD-1.5-sized random'} UNet, {device} {args.dtype}, {size} px, "
           f"T={args.steps}, t_p={t_p}", flush=True)
     if "sync" in args.parts:
