@@ -27,38 +27,28 @@ from .scene import IMAGE_SIZE
 SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they are stored in fp16
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
-# SP-Guard's knobs for this model, chosen with benchmarks/tune_safety.py and benchmarks/diagnose_spguard.py on
-# prompts disjoint from the safety benchmark's (safety_bench.tuning_scenes, 2 seeds), on the world-v2 weights
-# at guidance 1.25, judged by the detector's colour and shape passes (docs/design.md, "The detector"; README,
-# "The embedded model"; the concepts are model.DEFAULT_CONCEPTS).
-# - t_p 6, harmfulness_threshold 0.26, q 0.9 (the paper's), lambda_max 0.65: chosen on 200 benign + 144
-#   unsafe tuning prompts x 2 seeds (652 images) by the rule "benign objects kept and benign unchanged at
-#   their targets, then the lowest unsafe rate" (SLD-max 0.569, SLD-medium kept 1.000 and PSNR 45.9 dB there).
-#   P's ROC AUC there: 0.950 at t_p 5, 0.971 at 6, 0.977 at 7 (uniform mean of Eq. 6; weighting later steps,
-#   cosines over windows or over the largest |d_s| separate worse: benchmarks/harmfulness_variants.py). Rows
-#   (t_p, threshold, q, lambda_max: unsafe / kept / unchanged): 5, 0.2, 0.95, 0.75 (the previous defaults):
-#   0.638 / 0.993 / 0.941; 5, 0.26: 0.696 / 0.993 / 0.971; 6, 0.2: 0.645 / 1.000 / 0.923; 6, 0.26, 0.95, 0.75:
-#   0.670 / 1.000 / 0.968; 6, 0.26, 0.9, 0.65: 0.645 / 1.000 / 0.968 (PSNR outside 50.5 dB); 0.9, 0.75: 0.630 /
-#   0.993; 0.9, 0.85: 0.667 / 0.993; 0.9, 0.5: 0.761; 0.85, 0.65: 0.645 / 1.000 (49.3 dB); 0.85, 0.75: 0.641 /
-#   0.993. Guiding each guided prompt away from both concepts (not only the most similar one) was worse: 0.692
-#   and 0.678 against 0.670 and 0.638. On 96 + 72 tuning prompts earlier: 0.521 / 0.657 / 0.779 at lambda_max
-#   0.75 / 1.0 / 1.25 with q 0.95 (SLD-max 0.564): stronger is not safer (per prompt, removal flips with
-#   lambda_max, a perturbation of the trajectory more than a push; 7 of 79 guided unsafe images switched to
-#   the other unsafe class). At lambda_max <= 1 the cosine schedule is constant (it ends at min(1, lambda_max)).
-#   Those rows had seeds 0-1 shared by all prompts; re-measured with every case its own seed (safety_bench.cases;
-#   SLD-max 0.801, SLD-medium kept 1.000 / 46.7 dB), t_p 6, q 0.9, lambda_max 0.65, threshold 0.14 / 0.18 / 0.22
-#   / 0.26: unsafe 0.848 / 0.851 / 0.873 / 0.888, kept 0.989 / 0.989 / 0.989 / 0.993, unchanged 0.883 / 0.936 /
-#   0.973 / 0.984; lambda_max 0.85 within 0.011 of each, t_p 7 0.015-0.026 higher; so the defaults stand.
-# - mask: aligned, its scores summed over phase 2 (docs/design.md, "The aligned mask"). The noise mask (Eq. 8)
-#   erases benign objects (kept 0.943 at q 0.93 and lambda_max 4, 0.914 at q 0.85, against aligned's 1.000 /
-#   0.986); the attention mask has no signal, as this small model's cross-attention is nearly uniform over
-#   the tokens (1.01x its image mean in the unsafe object's cell).
+# SP-Guard's knobs for this model, chosen with benchmarks/tune_safety.py on prompts disjoint from the safety
+# benchmark's (safety_bench.tuning_scenes: 200 benign + 144 unsafe prompts x 2 seeds, every case its own seed),
+# at guidance 1.25, judged by the detector's colour and shape passes (docs/design.md, "The detector"), by the rule
+# "benign objects kept at SLD-medium's (1.000 there) and benign unchanged >= 0.95, then the lowest unsafe rate"
+# (SLD-max 0.801, SLD-medium 0.931 / 46.7 dB). The concepts are model.DEFAULT_CONCEPTS.
+# - guide_from 2 (docs/design.md, "Guiding from before t_p"): P is still measured over steps 0-5, but guidance
+#   starts at step 2. Unsafe / kept / unchanged at threshold 0.26 for guide_from 0 / 2 / 3 / 6 (6: the paper's
+#   timing): 0.743 / 1.000 / 0.984, 0.725 / 1.000 / 0.984, 0.746 / 0.996 / 0.984, 0.888 / 0.993 / 0.984; at
+#   threshold 0.22 (guide_from 0 / 1 / 2 / 3): 0.692, 0.685, 0.674, 0.692, kept 0.989-0.993, unchanged 0.973.
+# - t_p 6, harmfulness_threshold 0.26: P's ROC AUC is 0.924 at t_p 6 (0.936 at 7, where the unsafe rate rose);
+#   the threshold leaves 98.4% of benign prompts unguided. Eq. 6's uniform mean separates best of the
+#   definitions tried (benchmarks/harmfulness_variants.py; docs/design.md, "The shapes world").
+# - lambda_max 0.65, q 0.9 (the paper's), schedule cosine (constant at lambda_max <= 1: it ends at
+#   min(1, lambda_max)). With guide_from 2 at threshold 0.24, lambda_max 0.5 / 0.85 gave 0.772 / 0.779 unsafe
+#   (kept 0.996 / 0.975): stronger is not safer, as removal flips per prompt with the strength.
+# - mask: aligned (docs/design.md, "The aligned mask"). The noise mask (Eq. 8) erases benign objects next to the
+#   unsafe one; the attention mask has no signal on this model (its cross-attention is nearly uniform).
 # - scale_by_harmfulness False (docs/design.md, "Strength"): Eq. 7's P+ scaling steered prompts with P 0.2-0.3
-#   too weakly to remove anything and high-P prompts back into the object in inverse colours (48 + 36 tuning
-#   prompts: unsafe 0.629 scaled at lambda_max 2 against 0.571 unscaled at 0.75; SLD-max 0.657).
+#   too weakly to remove anything and high-P prompts back into the object in inverse colours.
 # - The paper's P+ > 0 rule would guide about a third of benign prompts here, as benign P spreads around 0.
-SPGUARD_DEFAULTS = {"t_p": 6, "harmfulness_threshold": 0.26, "mask": "aligned", "lambda_max": 0.65, "q": 0.9,
-                    "schedule": "cosine", "scale_by_harmfulness": False}
+SPGUARD_DEFAULTS = {"t_p": 6, "guide_from": 2, "harmfulness_threshold": 0.26, "mask": "aligned", "lambda_max": 0.65,
+                    "q": 0.9, "schedule": "cosine", "scale_by_harmfulness": False}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
