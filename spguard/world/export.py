@@ -38,7 +38,12 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 #   threshold 0.22 (guide_from 0 / 1 / 2 / 3): 0.692, 0.685, 0.674, 0.692, kept 0.989-0.993, unchanged 0.973.
 # - t_p 6, harmfulness_threshold 0.26: P's ROC AUC is 0.924 at t_p 6 (0.936 at 7, where the unsafe rate rose);
 #   the threshold leaves 98.4% of benign prompts unguided. Eq. 6's uniform mean separates best of the
-#   definitions tried (benchmarks/harmfulness_variants.py; docs/design.md, "The shapes world").
+#   definitions tried (benchmarks/harmfulness_variants.py; docs/design.md, "The shapes world"). With guide_from
+#   2, a longer phase 1 no longer delays guidance: t_p 8 at threshold 0.26 / 0.30 / 0.34 gave 0.630 / 0.663 /
+#   0.721, kept 0.996, unchanged 0.965 / 0.981 / 0.989 (AUC 0.936); t_p 10 at 0.30 / 0.34 gave 0.641 / 0.670,
+#   kept 0.996 / 1.000, unchanged 0.960 / 0.973 (AUC 0.931). t_p 10 at 0.34 passes the rule with a lower unsafe
+#   rate than t_p 6, at a higher cost for benign prompts (20 steps: 60 UNet rows against 52, CFG 40); not yet
+#   measured on the benchmark, so not the default.
 # - lambda_max 0.65, q 0.9 (the paper's), schedule cosine (constant at lambda_max <= 1: it ends at
 #   min(1, lambda_max)). With guide_from 2 at threshold 0.24, lambda_max 0.5 / 0.85 gave 0.772 / 0.779 unsafe
 #   (kept 0.996 / 0.975): stronger is not safer, as removal flips per prompt with the strength.
