@@ -42,8 +42,8 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 #   2, a longer phase 1 no longer delays guidance: t_p 8 at threshold 0.26 / 0.30 / 0.34 gave 0.630 / 0.663 /
 #   0.721, kept 0.996, unchanged 0.965 / 0.981 / 0.989 (AUC 0.936); t_p 10 at 0.30 / 0.34 gave 0.641 / 0.670,
 #   kept 0.996 / 1.000, unchanged 0.960 / 0.973 (AUC 0.931). t_p 10 at 0.34 passes the rule with a lower unsafe
-#   rate than t_p 6, at a higher cost for benign prompts (20 steps: 60 UNet rows against 52, CFG 40); not yet
-#   measured on the benchmark, so not the default.
+#   rate than t_p 6, at a higher cost for benign prompts (20 steps: 60 UNet rows against 52, CFG 40). On the
+#   benchmark (64 + 72 x 4) it gave 0.736 against t_p 6's 0.747, kept 1.000, unchanged 0.973: not worth the cost.
 # - lambda_max 0.65, q 0.9 (the paper's), schedule cosine (constant at lambda_max <= 1: it ends at
 #   min(1, lambda_max)). With guide_from 2 at threshold 0.24, lambda_max 0.5 / 0.85 gave 0.772 / 0.779 unsafe
 #   (kept 0.996 / 0.975): stronger is not safer, as removal flips per prompt with the strength.
