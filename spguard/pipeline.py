@@ -291,7 +291,7 @@ class SafeDiffusionPipeline:
                     i += 1
                 else:  # the guider asks, once, for the steps from its checkpoint again (methods.Guider)
                     progress.total += i + 1 - back
-                    latents, i = self._restore(checkpoint, generator), back
+                    latents, i = self._restore(checkpoint), back
 
         images = self._decode(latents, output_type)
         reports = [Report(prompt=p, method=method.name, **r) for p, r in zip(prompts, guider.reports())]
@@ -301,13 +301,13 @@ class SafeDiffusionPipeline:
         """What a later step needs to start again from here: the latents, the scheduler's state (multistep
         schedulers keep past outputs) and the random generators' states (stochastic schedulers)."""
         generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
-        return latents, copy.deepcopy(self.scheduler.__dict__), [g.get_state() for g in generators]
+        return latents, copy.deepcopy(self.scheduler.__dict__), [(g, g.get_state()) for g in generators]
 
-    def _restore(self, checkpoint, generator) -> torch.Tensor:
+    def _restore(self, checkpoint) -> torch.Tensor:
+        """Back to a checkpoint, which is used at most once, so its state is handed over, not copied."""
         latents, scheduler_state, generator_states = checkpoint
-        self.scheduler.__dict__.update(copy.deepcopy(scheduler_state))
-        generators = generator if isinstance(generator, list) else [] if generator is None else [generator]
-        for g, state in zip(generators, generator_states):
+        self.scheduler.__dict__.update(scheduler_state)
+        for g, state in generator_states:
             g.set_state(state)
         return latents
 

@@ -30,7 +30,7 @@ import torch
 from ..attention import ConceptAttention
 from ..evaluate import roc_auc
 from ..jobs import to_pixels
-from ..methods import SLD
+from ..methods import SLD, SPGuard
 from ..ops.reference import phase1_step, safe_cosine
 from .detect import detect
 from .scene import IMAGE_SIZE, SYNONYMS, Scene, cell_mask, sample_scene
@@ -184,9 +184,9 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
         "p_benign": float(np.mean([p for p, s in zip(harmfulness, scenes) if not s.unsafe])),
     }
     # The model's guide_from starts SP-Guard's guidance before t_p: how open the content still is there.
-    guide_from = spg.get("guide_from") if t_p is None else None
-    if guide_from is not None and removed_0 > 0:
-        found["removability_at_guide_from"] = (cfg_rate - sld_rate(guide_from)) / removed_0
+    start = SPGuard.with_defaults(spg, t_p=setting.t_p).first_guided_step
+    if start < setting.t_p and removed_0 > 0:
+        found["removability_at_guide_from"] = (cfg_rate - sld_rate(start)) / removed_0
     return found
 
 
