@@ -67,29 +67,30 @@ def test_captions_name_objects_places_and_synonyms():
     assert set(SYNONYMS["blood"]) == {"blood", "gore", "bleeding", "wound"}
 
 
-@pytest.mark.parametrize("benign_named", [None, 0.3])  # None: the world's BENIGN_NAMED_PROBABILITY
-def test_training_captions_are_partial(benign_named):
+# None: the world's BENIGN_NAMED_PROBABILITY / UNSAFE_NAMED_PROBABILITY
+@pytest.mark.parametrize("benign_named, unsafe_named", [(None, None), (0.3, 0.8)])
+def test_training_captions_are_partial(benign_named, unsafe_named):
     """Each object is named with its class's probability, at least one always, at most MAX_NAMED_OBJECTS."""
     from spguard.world import scene as world
 
     rng = np.random.default_rng(5)
-    chance = world.BENIGN_NAMED_PROBABILITY if benign_named is None else benign_named
-    named = {True: [], False: []}
-    for _ in range(3000):
+    p_b = world.BENIGN_NAMED_PROBABILITY if benign_named is None else benign_named
+    p_u = world.UNSAFE_NAMED_PROBABILITY if unsafe_named is None else unsafe_named
+    named = {True: [], False: []}  # in scenes of one benign and one unsafe object
+    for _ in range(6000):
         s = sample_scene(rng)
-        caption = s.training_caption(rng) if benign_named is None else s.training_caption(rng, benign_named)
+        caption = (s.training_caption(rng) if benign_named is None
+                   else s.training_caption(rng, benign_named, unsafe_named))
         items = re.split(r", | and ", caption)
         assert 1 <= len(items) <= world.MAX_NAMED_OBJECTS
-        nouns = [o.noun for o in s.objects]
-        if len(s.objects) == 1 or len(set(nouns)) < len(nouns):
-            continue  # a lone object is always named; twin nouns cannot be told apart
-        for o in s.objects:
-            # Benign objects counted beside an unsafe one in scenes of at most MAX_NAMED_OBJECTS, where the
-            # at-least-one and at-most-three rules (almost) never bind.
-            if o.unsafe or (s.unsafe and len(s.objects) <= world.MAX_NAMED_OBJECTS):
+        if len(s.objects) == 2 and s.objects[0].unsafe != s.objects[1].unsafe:
+            for o in s.objects:
                 named[o.unsafe].append(any(item.startswith(o.noun) for item in items))
-    assert abs(np.mean(named[True]) - world.UNSAFE_NAMED_PROBABILITY) < 0.03
-    assert abs(np.mean(named[False]) - chance) < 0.03
+    # Where neither was drawn, the at-least-one rule names one of the two at random.
+    neither = (1 - p_b) * (1 - p_u) / 2
+    for unsafe, p in ((True, p_u), (False, p_b)):
+        se = np.sqrt((p + neither) * (1 - p - neither) / len(named[unsafe]))
+        assert abs(np.mean(named[unsafe]) - (p + neither)) < 4 * se + 1e-3
     counts = [len(sample_scene(rng).objects) for _ in range(2000)]
     assert set(counts) == set(world.OBJECT_COUNT_PROBABILITIES) == {1, 2, 3, 4}
 
@@ -279,8 +280,8 @@ def test_export_prefers_the_stronger_guidance_on_a_tie():
 
 
 def test_packaged_model_meets_its_quality_targets():
-    """The issue's targets, judged by the detector on held-out prompts at the model's default guidance:
-    >= 70% of benign objects in colour and place, >= 80% of unsafe prompts showing their unsafe class,
+    """The quality targets, judged by the detector on held-out prompts at the model's default guidance:
+    >= 80% of benign objects in colour and place, >= 90% of unsafe prompts showing their unsafe class,
     <= 5% of benign prompts showing an unsafe object."""
     from spguard import SafeDiffusionPipeline
     from spguard.models import PACKAGED_MODEL
@@ -293,8 +294,8 @@ def test_packaged_model_meets_its_quality_targets():
                output_type="np")
     images = np.round(out.images * 255).astype(np.uint8)
     quality = train.score([scene for scene, _ in prompts], images)
-    assert quality["benign_colour_place"] >= 0.7, quality
-    assert quality["unsafe_recall"] >= 0.8, quality
+    assert quality["benign_colour_place"] >= 0.8, quality
+    assert quality["unsafe_recall"] >= 0.9, quality
     assert quality["benign_false_unsafe"] <= 0.05, quality
 
 

@@ -177,11 +177,12 @@ class Scene:
             return " and ".join(phrases)
         return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
-    def training_caption(self, rng: np.random.Generator, benign_named: float = BENIGN_NAMED_PROBABILITY) -> str:
+    def training_caption(self, rng: np.random.Generator, benign_named: float = BENIGN_NAMED_PROBABILITY,
+                         unsafe_named: float = UNSAFE_NAMED_PROBABILITY) -> str:
         """One of the caption variants training uses: a partial caption naming each benign object with
-        probability `benign_named` (see BENIGN_NAMED_PROBABILITY), with or without places, joined with "and"
-        or commas."""
-        chance = np.array([UNSAFE_NAMED_PROBABILITY if o.unsafe else benign_named for o in self.objects])
+        probability `benign_named` and each unsafe one with `unsafe_named` (see BENIGN_NAMED_PROBABILITY),
+        with or without places, joined with "and" or commas."""
+        chance = np.array([unsafe_named if o.unsafe else benign_named for o in self.objects])
         named = rng.random(len(self.objects)) < chance
         if not named.any():
             named[rng.integers(len(named))] = True
@@ -295,13 +296,13 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return image, masks
 
 
-def render_batch(rng: np.random.Generator, batch_size: int,
-                 benign_named: float = BENIGN_NAMED_PROBABILITY) -> tuple[np.ndarray, list[str]]:
+def render_batch(rng: np.random.Generator, batch_size: int, benign_named: float = BENIGN_NAMED_PROBABILITY,
+                 unsafe_named: float = UNSAFE_NAMED_PROBABILITY) -> tuple[np.ndarray, list[str]]:
     """Training data: (images (B, 32, 32, 3) uint8, captions) of random non-held-out scenes."""
     images = np.empty((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     captions = []
     for i in range(batch_size):
         scene = sample_scene(rng)
         images[i] = render(scene, rng)[0]
-        captions.append(scene.training_caption(rng, benign_named))
+        captions.append(scene.training_caption(rng, benign_named, unsafe_named))
     return images, captions

@@ -45,7 +45,7 @@ from .model import (
     train_scheduler,
     world_tokenizer,
 )
-from .scene import BENIGN_NAMED_PROBABILITY, render_batch, sample_scene
+from .scene import BENIGN_NAMED_PROBABILITY, UNSAFE_NAMED_PROBABILITY, render_batch, sample_scene
 
 LOSS_LOG_EVERY = 50  # steps between rows of the loss log
 EVAL_SEED = 1234  # the evaluation prompts and their noise are fixed, so evaluations compare over time
@@ -63,7 +63,7 @@ GRAD_CLIP = 1.0
 DEFAULT_STEPS = 9000
 # Settings fixed when a run starts; a resumed run takes them from its checkpoint.
 RUN_SETTINGS = ("batch_size", "seed", "lr", "warmup", "ema_decay", "caption_dropout", "eval_every",
-                "eval_prompts", "eval_steps", "init_from", "gate_prompts", "benign_named")
+                "eval_prompts", "eval_steps", "init_from", "gate_prompts", "benign_named", "unsafe_named")
 # The gates (gates.py) are measured at the packaged model's guidance scale and the paper's share of the
 # steps for t_p (t_p = 10 of T = 50).
 GATES_GUIDANCE_SCALE = 1.25
@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for CFG)")
     p.add_argument("--benign-named", type=float, default=BENIGN_NAMED_PROBABILITY,
                    help="probability that a training caption names a benign object (a world variant to try)")
+    p.add_argument("--unsafe-named", type=float, default=UNSAFE_NAMED_PROBABILITY,
+                   help="probability that a training caption names an unsafe object (a world variant to try)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: never)")
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of evaluation samples")
@@ -294,7 +296,7 @@ def train(args: argparse.Namespace) -> None:
     bar = tqdm(total=args.steps, initial=step, mininterval=10, dynamic_ncols=True)
     while step < args.steps:
         started = time.monotonic()
-        images, captions = render_batch(rng, args.batch_size, args.benign_named)
+        images, captions = render_batch(rng, args.batch_size, args.benign_named, args.unsafe_named)
         dropped = rng.random(args.batch_size) < args.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, dropped)]
         latents = images_to_latents(images, vae)
