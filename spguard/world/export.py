@@ -28,31 +28,37 @@ SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they 
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
 # SP-Guard's knobs for this model, chosen with benchmarks/tune_safety.py on prompts disjoint from the safety
-# benchmark's (safety_bench.tuning_scenes: 200 benign + 144 unsafe prompts x 2 seeds, every case its own seed),
-# at guidance 1.25, judged by the detector's colour and shape passes (docs/design.md, "The detector"), by the rule
-# "benign objects kept at SLD-medium's (1.000 there) and benign unchanged >= 0.95, then the lowest unsafe rate"
-# (SLD-max 0.801, SLD-medium 0.931 / 46.7 dB). The concepts are model.DEFAULT_CONCEPTS.
+# benchmark's (safety_bench.tuning_scenes, every case its own seed), at guidance 1.25, judged by the detector's
+# colour and shape passes (docs/design.md, "The detector"), by the rule "benign objects kept at SLD-medium's and
+# benign unchanged >= 0.95, then the lowest unsafe rate". The concepts are model.DEFAULT_CONCEPTS.
+# - harmfulness_threshold 0.24, chosen on the packaged weights (unsafe objects always named, docs/design.md
+#   "Unsafe objects always named"). Unsafe / kept / unchanged on 200 + 144 tuning prompts x 2 seeds (SLD-max
+#   0.768, SLD-medium kept 0.996) at 0.18 / 0.20 / 0.22 / 0.26: 0.583 / 1.000 / 0.939, 0.591 / 1.000 / 0.957,
+#   0.609 / 1.000 / 0.973, 0.670 / 1.000 / 0.984. A lost benign object is rarer than one in those 288 images, so
+#   on a draw four times larger (400 + 576 x 2; SLD-max 0.824, SLD-medium kept 1.000) 0.22 / 0.24 / 0.26 gave
+#   0.669 / 0.995 / 0.957, 0.693 / 0.995 / 0.969, 0.723 / 0.996 / 0.975 (P's ROC AUC 0.931). No threshold keeps
+#   every benign object, so kept does not choose; 0.24 is the lowest that leaves at least 0.96 of benign prompts
+#   unchanged (a 0.01 margin, about what the draw of prompts moves it by).
+# The other knobs were chosen on the previous weights (unsafe objects named with probability 0.97; SLD-max 0.801
+# on the 200 + 144 prompts) and kept:
 # - guide_from 2 (docs/design.md, "Guiding from before t_p"): P is still measured over steps 0-5, but guidance
 #   starts at step 2. Unsafe / kept / unchanged at threshold 0.26 for guide_from 0 / 2 / 3 / 6 (6: the paper's
-#   timing): 0.743 / 1.000 / 0.984, 0.725 / 1.000 / 0.984, 0.746 / 0.996 / 0.984, 0.888 / 0.993 / 0.984; at
-#   threshold 0.22 (guide_from 0 / 1 / 2 / 3): 0.692, 0.685, 0.674, 0.692, kept 0.989-0.993, unchanged 0.973.
-# - t_p 6, harmfulness_threshold 0.26: P's ROC AUC is 0.924 at t_p 6 (0.936 at 7, where the unsafe rate rose);
-#   the threshold leaves 98.4% of benign prompts unguided. Eq. 6's uniform mean separates best of the
-#   definitions tried (benchmarks/harmfulness_variants.py; docs/design.md, "The shapes world"). With guide_from
-#   2, a longer phase 1 no longer delays guidance: t_p 8 at threshold 0.26 / 0.30 / 0.34 gave 0.630 / 0.663 /
-#   0.721, kept 0.996, unchanged 0.965 / 0.981 / 0.989 (AUC 0.936); t_p 10 at 0.30 / 0.34 gave 0.641 / 0.670,
-#   kept 0.996 / 1.000, unchanged 0.960 / 0.973 (AUC 0.931). t_p 10 at 0.34 passes the rule with a lower unsafe
-#   rate than t_p 6, at a higher cost for benign prompts (20 steps: 60 UNet rows against 52, CFG 40). On the
-#   benchmark (64 + 72 x 4) it gave 0.736 against t_p 6's 0.747, kept 1.000, unchanged 0.973: not worth the cost.
+#   timing): 0.743 / 1.000 / 0.984, 0.725 / 1.000 / 0.984, 0.746 / 0.996 / 0.984, 0.888 / 0.993 / 0.984.
+# - t_p 6: P's ROC AUC was 0.924 at t_p 6 (0.936 at 7). Eq. 6's uniform mean separates best of the definitions
+#   tried (benchmarks/harmfulness_variants.py; docs/design.md, "The shapes world"). With guide_from 2 a longer
+#   phase 1 no longer delays guidance: t_p 10 at threshold 0.34 gave 0.670 / 1.000 / 0.973 against t_p 6's
+#   0.725, but on the benchmark (64 + 72 x 4) 0.736 against 0.747, at a higher cost for every benign prompt (20
+#   steps: 60 UNet rows against 52, CFG 40): not worth it.
 # - lambda_max 0.65, q 0.9 (the paper's), schedule cosine (constant at lambda_max <= 1: it ends at
-#   min(1, lambda_max)). With guide_from 2 at threshold 0.24, lambda_max 0.5 / 0.85 gave 0.772 / 0.779 unsafe
-#   (kept 0.996 / 0.975): stronger is not safer, as removal flips per prompt with the strength.
+#   min(1, lambda_max)). With guide_from 2 at threshold 0.24, lambda_max 0.5 / 0.85 gave 0.772 / 0.779 unsafe,
+#   where 0.65 gave 0.674 / 0.725 at 0.22 / 0.26: stronger is not safer, as removal flips per prompt with the
+#   strength.
 # - mask: aligned (docs/design.md, "The aligned mask"). The noise mask (Eq. 8) erases benign objects next to the
-#   unsafe one; the attention mask has no signal on this model (its cross-attention is nearly uniform).
+#   unsafe one; the attention mask has no signal on this model (its cross-attention is uniform over the tokens).
 # - scale_by_harmfulness False (docs/design.md, "Strength"): Eq. 7's P+ scaling steered prompts with P 0.2-0.3
 #   too weakly to remove anything and high-P prompts back into the object in inverse colours.
 # - The paper's P+ > 0 rule would guide about a third of benign prompts here, as benign P spreads around 0.
-SPGUARD_DEFAULTS = {"t_p": 6, "guide_from": 2, "harmfulness_threshold": 0.26, "mask": "aligned", "lambda_max": 0.65,
+SPGUARD_DEFAULTS = {"t_p": 6, "guide_from": 2, "harmfulness_threshold": 0.24, "mask": "aligned", "lambda_max": 0.65,
                     "q": 0.9, "schedule": "cosine", "scale_by_harmfulness": False}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {

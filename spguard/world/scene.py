@@ -103,10 +103,12 @@ BLOOD_HALF_SIZE = 4.5  # splatter clipped to this box, still clear of neighbouri
 # Training scenes: how often a scene holds an unsafe object, and how many objects it has.
 UNSAFE_SCENE_PROBABILITY = 0.45
 # Partial captions: each object is named with its class's probability, at least one always. An unsafe
-# object is almost always named, so a benign prompt rarely implies an unnamed unsafe object: of the
-# captions naming no unsafe object, 0.45 * 0.03 / (0.55 + 0.45 * 0.03) = 2.4% come from unsafe scenes.
+# object is always named, so a caption naming none never comes from an unsafe scene. At 0.97 (world v2 until
+# 2026-12), 0.45 * 0.03 / (0.55 + 0.45 * 0.03) = 2.4% of such captions did, and CFG drew an unasked knife or
+# splatter on 3.5% of benign tuning prompts (5.9% of the benchmark's); fine-tuned at 1.0, on 0.8%
+# (docs/design.md, "The shapes world").
 BENIGN_NAMED_PROBABILITY = 0.6
-UNSAFE_NAMED_PROBABILITY = 0.97
+UNSAFE_NAMED_PROBABILITY = 1.0
 MAX_NAMED_OBJECTS = 3  # four named objects would not fit the text encoder's MAX_TOKENS
 # Training captions sometimes leave the places out ("blood", "a red circle and a knife"), so texts
 # without places, such as the unsafe concepts that guidance methods encode, are in distribution;
