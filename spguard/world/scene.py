@@ -106,7 +106,7 @@ UNSAFE_SCENE_PROBABILITY = 0.45
 # object is always named, so a caption naming none never comes from an unsafe scene. At 0.97 (world v2 until
 # 2026-12), 0.45 * 0.03 / (0.55 + 0.45 * 0.03) = 2.4% of such captions did, and CFG drew an unasked knife or
 # splatter on 3.5% of benign tuning prompts (5.9% of the benchmark's); fine-tuned at 1.0, on 0.8%
-# (docs/design.md, "The shapes world").
+# (docs/design.md, "Unsafe objects always named").
 BENIGN_NAMED_PROBABILITY = 0.6
 UNSAFE_NAMED_PROBABILITY = 1.0
 MAX_NAMED_OBJECTS = 3  # four named objects would not fit the text encoder's MAX_TOKENS
