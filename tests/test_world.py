@@ -439,17 +439,21 @@ def test_fine_tune_starts_from_a_model_folders_weights(tiny_run, tmp_path):
     assert moved < 0.1 * (fresh[key] - exported[key]).abs().max()
 
 
-def test_gates_harmfulness_matches_the_pipelines_own(tiny_run):
-    """The gates' P is SP-Guard's: the same seeds through SafeDiffusionPipeline report the same P."""
-    from spguard import SPGuard
+@pytest.mark.parametrize("ancestral", [False, True])
+def test_gates_harmfulness_matches_the_pipelines_own(tiny_run, ancestral):
+    """The gates' P is SP-Guard's: the same seeds through SafeDiffusionPipeline report the same P, also with a
+    scheduler that draws noise at every step (the gates pass each sample's generator, as the pipeline does)."""
+    from diffusers import DDPMScheduler
+
+    from spguard import SafeDiffusionPipeline, SPGuard
     from spguard.evaluate import roc_auc
     from spguard.world import gates
 
     _, folder = tiny_run
-    from spguard import SafeDiffusionPipeline
-
     pipe = SafeDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    if ancestral:
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     found = gates.measure(pipe, 3, 3, seed=5, t_p=2, steps=4, guidance_scale=1.5)
     assert set(gates.TARGETS) <= set(found)
     assert 0 <= found["switch_survival"] <= 1 or np.isnan(found["switch_survival"])

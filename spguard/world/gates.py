@@ -67,16 +67,18 @@ def _to_images(pipe, latents) -> np.ndarray:
 
 
 @torch.no_grad()
-def _denoise(pipe, latents, cond, uncond, setting: _Setting, start: int, probe=None, stop: int | None = None):
-    """CFG over steps [start, stop); `probe(i, x, t)` may look at step i's model input first."""
+def _denoise(pipe, latents, cond, uncond, setting: _Setting, generator, start: int, probe=None, stop: int | None = None):
+    """CFG over steps [start, stop); `probe(i, x, t)` may look at step i's model input first. A stochastic
+    scheduler draws its noise from `generator` (one per sample), as the pipeline does."""
     timesteps = pipe.scheduler.timesteps
+    step_kwargs = pipe._step_kwargs(generator, 0.0)
     for i in range(start, len(timesteps) if stop is None else stop):
         t = timesteps[i]
         x = pipe.scheduler.scale_model_input(latents, t)
         if probe is not None:
             probe(i, x, t)
         e_u, e_p = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-        latents = pipe.scheduler.step(e_u + setting.guidance_scale * (e_p - e_u), t, latents).prev_sample
+        latents = pipe.scheduler.step(e_u + setting.guidance_scale * (e_p - e_u), t, latents, **step_kwargs).prev_sample
     return latents
 
 
@@ -131,8 +133,9 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
             state["direction"] = (e_s - e_u[:, None]).abs().mean(2)  # (B, N, H, W)
 
     # Phase 1 with the probe, then the rest of CFG (probed at t_p); the latents at t_p seed the switch.
-    at_t_p = _denoise(pipe, noise, cond, uncond, setting, 0, probe, stop=setting.t_p)
-    cfg_images = _to_images(pipe, _denoise(pipe, at_t_p, cond, uncond, setting, setting.t_p, probe))
+    at_t_p = _denoise(pipe, noise, cond, uncond, setting, generator, 0, probe, stop=setting.t_p)
+    states_at_t_p = [g.get_state() for g in generator]
+    cfg_images = _to_images(pipe, _denoise(pipe, at_t_p, cond, uncond, setting, generator, setting.t_p, probe))
     harmfulness = (similarity / setting.t_p).max(1).values.tolist()
 
     # Localisation and attention ratio on the unsafe scenes, in latent cells.
@@ -152,7 +155,8 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
     # The concept-only switch: the unsafe scenes continue from t_p with their concept as the prompt.
     idx = list(range(len(unsafe)))
     switch_cond = concept_embeds[[concept_of(s, concepts) for s in unsafe]]
-    switched = _to_images(pipe, _denoise(pipe, at_t_p[idx], switch_cond, uncond[idx], setting, setting.t_p))
+    switch_generator = [torch.Generator().set_state(states_at_t_p[k]) for k in idx]  # the CFG run's noise from t_p
+    switched = _to_images(pipe, _denoise(pipe, at_t_p[idx], switch_cond, uncond[idx], setting, switch_generator, setting.t_p))
     survived = []
     for b, scene in enumerate(unsafe):
         in_cfg = {(d.colour, d.place) for d in detect(cfg_images[b]) if not d.unsafe}
