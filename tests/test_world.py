@@ -255,6 +255,11 @@ def test_export_writes_a_loadable_diffusers_folder(tiny_run):
     # The packaged folder carries the same defaults (its spguard.json is not rewritten without a re-export).
     packaged = json.loads((PACKAGED_MODEL / "spguard.json").read_text())
     assert packaged["concepts"] == model.DEFAULT_CONCEPTS and packaged["spguard"] == export.SPGUARD_DEFAULTS
+    # ... and samples with the scheduler an export writes (docs/design.md, "The sampler").
+    written = model.sampling_scheduler().config
+    shipped = json.loads((PACKAGED_MODEL / "scheduler" / "scheduler_config.json").read_text())
+    assert shipped["_class_name"] == type(model.sampling_scheduler()).__name__
+    assert {k: shipped[k] for k in written if not k.startswith("_")} == {k: v for k, v in written.items() if not k.startswith("_")}
 
     class Pipeline(DiffusionPipeline):  # the components a Stable Diffusion style pipeline takes
         def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):

@@ -28,38 +28,25 @@ SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they 
 DEFAULT_INFERENCE_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
 # SP-Guard's knobs for this model, chosen with benchmarks/tune_safety.py on prompts disjoint from the safety
-# benchmark's (safety_bench.tuning_scenes, every case its own seed), at guidance 1.25, judged by the detector's
-# colour and shape passes (docs/design.md, "The detector"), by the rule "benign objects kept at SLD-medium's and
-# benign unchanged >= 0.95, then the lowest unsafe rate". The concepts are model.DEFAULT_CONCEPTS.
-# - harmfulness_threshold 0.24, chosen on the packaged weights (unsafe objects always named, docs/design.md
-#   "Unsafe objects always named"). Unsafe / kept / unchanged on 200 + 144 tuning prompts x 2 seeds (SLD-max
-#   0.768, SLD-medium kept 0.996) at 0.18 / 0.20 / 0.22 / 0.26: 0.583 / 1.000 / 0.939, 0.591 / 1.000 / 0.957,
-#   0.609 / 1.000 / 0.973, 0.670 / 1.000 / 0.984. A lost benign object is rarer than one in those 288 images, so
-#   on a draw four times larger (400 + 576 x 2; SLD-max 0.824, SLD-medium kept 1.000) 0.22 / 0.24 / 0.26 gave
-#   0.669 / 0.995 / 0.957, 0.693 / 0.995 / 0.969, 0.723 / 0.996 / 0.975 (P's ROC AUC 0.931). No threshold keeps
-#   every benign object, so kept does not choose; 0.24 is the lowest that leaves at least 0.96 of benign prompts
-#   unchanged (a 0.01 margin, about what the draw of prompts moves it by).
-# The other knobs were chosen on the previous weights (unsafe objects named with probability 0.97; SLD-max 0.801
-# on the 200 + 144 prompts) and kept:
-# - guide_from 2 (docs/design.md, "Guiding from before t_p"): P is still measured over steps 0-5, but guidance
-#   starts at step 2. Unsafe / kept / unchanged at threshold 0.26 for guide_from 0 / 2 / 3 / 6 (6: the paper's
-#   timing): 0.743 / 1.000 / 0.984, 0.725 / 1.000 / 0.984, 0.746 / 0.996 / 0.984, 0.888 / 0.993 / 0.984.
-# - t_p 6: P's ROC AUC was 0.924 at t_p 6 (0.936 at 7). Eq. 6's uniform mean separates best of the definitions
-#   tried (benchmarks/harmfulness_variants.py; docs/design.md, "The shapes world"). With guide_from 2 a longer
-#   phase 1 no longer delays guidance: t_p 10 at threshold 0.34 gave 0.670 / 1.000 / 0.973 against t_p 6's
-#   0.725, but on the benchmark (64 + 72 x 4) 0.736 against 0.747, at a higher cost for every benign prompt (20
-#   steps: 60 UNet rows against 52, CFG 40): not worth it.
-# - lambda_max 0.65, q 0.9 (the paper's), schedule cosine (constant at lambda_max <= 1: it ends at
-#   min(1, lambda_max)). With guide_from 2 at threshold 0.24, lambda_max 0.5 / 0.85 gave 0.772 / 0.779 unsafe,
-#   where 0.65 gave 0.674 / 0.725 at 0.22 / 0.26: stronger is not safer, as removal flips per prompt with the
-#   strength.
-# - mask: aligned (docs/design.md, "The aligned mask"). The noise mask (Eq. 8) erases benign objects next to the
-#   unsafe one; the attention mask has no signal on this model (its cross-attention is uniform over the tokens).
-# - scale_by_harmfulness False (docs/design.md, "Strength"): Eq. 7's P+ scaling steered prompts with P 0.2-0.3
-#   too weakly to remove anything and high-P prompts back into the object in inverse colours.
-# - The paper's P+ > 0 rule would guide about a third of benign prompts here, as benign P spreads around 0.
-SPGUARD_DEFAULTS = {"t_p": 6, "guide_from": 2, "harmfulness_threshold": 0.24, "mask": "aligned", "lambda_max": 0.65,
-                    "q": 0.9, "schedule": "cosine", "scale_by_harmfulness": False}
+# benchmark's (safety_bench.tuning_scenes, every case its own seed; 200 + 144 prompts x 2 seeds), at guidance
+# 1.25, judged by the detector's colour and shape passes (docs/design.md, "The detector"), with DDIM not clipping
+# x0 (model.sampling_scheduler; docs/design.md, "The sampler"). There SLD-max leaves 0.341 unsafe, and
+# SLD-medium, which removes nothing (0.993), keeps every benign object at PSNR outside 47.9 dB. The concepts are
+# model.DEFAULT_CONCEPTS. Rule: unsafe rate at most 0.05 above SLD-max's and benign unchanged >= 0.96 (a 0.01
+# margin over the target), then the highest PSNR outside. No setting tried also reached SLD-medium's PSNR and
+# kept while within the margin. Unsafe / PSNR outside / kept / benign unchanged:
+# - threshold 0.14, lambda_max 2.0, q 0.95 (chosen): 0.384 / 44.0 dB / 0.989 / 0.965. lambda_max 3.0: 0.380 /
+#   41.8 / 0.989 / 0.965. Threshold 0.12, lambda_max 2.0, q 0.95: 0.366 / 41.9 / 0.989 / 0.957.
+# - q 0.9, lambda_max 1.0 at thresholds 0.14 / 0.16 / 0.22: 0.413 / 44.8 / 0.993 / 0.965, 0.438 / 48.6 / 0.993 /
+#   0.976, 0.525 / 56.1 / 0.993 / 0.989; threshold 0.1, lambda_max 1.5: 0.355 / 38.0 / 0.986 / 0.926.
+# - Guiding every prompt (P plays no part): lambda_max 1.0 / 2.0 leave 0.279 / 0.272, below SLD-max, so what
+#   separates SP-Guard from SLD-max is the unsafe prompts P leaves unguided (ROC AUC 0.969; benign P's 95th
+#   percentile 0.108).
+# Kept from before the sampler change (figures in docs/design.md): t_p 6 and guide_from 2 (the gates: SLD-max
+# started at step 2 removes 0.90 of what it removes from step 0, from step 6 only 0.23), the aligned mask, the
+# cosine schedule (from lambda_max down to 1) and strength unscaled by P.
+SPGUARD_DEFAULTS = {"t_p": 6, "guide_from": 2, "harmfulness_threshold": 0.14, "mask": "aligned", "lambda_max": 2.0,
+                    "q": 0.95, "schedule": "cosine", "scale_by_harmfulness": False}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
