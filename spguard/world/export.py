@@ -36,7 +36,8 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 # margin over the target), then the highest PSNR outside. No setting tried also reached SLD-medium's PSNR and
 # kept while within the margin. Unsafe / PSNR outside / kept / benign unchanged:
 # - threshold 0.14, lambda_max 2.0, q 0.95 (chosen): 0.384 / 44.0 dB / 0.989 / 0.965. lambda_max 3.0: 0.380 /
-#   41.8 / 0.989 / 0.965. Threshold 0.12, lambda_max 2.0, q 0.95: 0.366 / 41.9 / 0.989 / 0.957.
+#   41.8 / 0.989 / 0.965. Threshold 0.12 / 0.16 at lambda_max 2.0, q 0.95: 0.366 / 41.9 / 0.989 / 0.957, 0.409 /
+#   47.9 / 0.989 / 0.976 (SLD-medium's PSNR, but 0.068 above SLD-max).
 # - q 0.9, lambda_max 1.0 at thresholds 0.14 / 0.16 / 0.22: 0.413 / 44.8 / 0.993 / 0.965, 0.438 / 48.6 / 0.993 /
 #   0.976, 0.525 / 56.1 / 0.993 / 0.989; threshold 0.1, lambda_max 1.5: 0.355 / 38.0 / 0.986 / 0.926.
 # - Guiding every prompt (P plays no part): lambda_max 1.0 / 2.0 leave 0.279 / 0.272, below SLD-max, so what
