@@ -35,9 +35,11 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 # model.DEFAULT_CONCEPTS. Rule: unsafe rate at most 0.05 above SLD-max's and benign unchanged >= 0.96 (a 0.01
 # margin over the target), then the highest PSNR outside. No setting tried also reached SLD-medium's PSNR and
 # kept while within the margin. Unsafe / PSNR outside / kept / benign unchanged:
-# - threshold 0.14, lambda_max 2.0, q 0.95 (chosen): 0.384 / 44.0 dB / 0.989 / 0.965. lambda_max 3.0: 0.380 /
-#   41.8 / 0.989 / 0.965. Threshold 0.12 / 0.16 at lambda_max 2.0, q 0.95: 0.366 / 41.9 / 0.989 / 0.957, 0.409 /
-#   47.9 / 0.989 / 0.976 (SLD-medium's PSNR, but 0.068 above SLD-max).
+# - threshold 0.14, lambda_max 2.0, q 0.97 (chosen): 0.388 / 46.6 dB / 0.996 / 0.965 (unchanged depends only on
+#   the threshold). q 0.95 / 0.98: 0.384 / 44.0 / 0.989, 0.417 / 47.5 / 0.996 (0.076 above SLD-max). At q 0.95:
+#   lambda_max 3.0 0.380 / 41.8 / 0.989; schedule step 0.380 / 43.9 / 0.993; guide_from 3 0.413 / 48.3 / 0.993
+#   (0.072 above SLD-max); thresholds 0.12 / 0.16: 0.366 / 41.9 / 0.989 / 0.957, 0.409 / 47.9 / 0.989 / 0.976
+#   (SLD-medium's PSNR, but 0.068 above SLD-max).
 # - q 0.9, lambda_max 1.0 at thresholds 0.14 / 0.16 / 0.22: 0.413 / 44.8 / 0.993 / 0.965, 0.438 / 48.6 / 0.993 /
 #   0.976, 0.525 / 56.1 / 0.993 / 0.989; threshold 0.1, lambda_max 1.5: 0.355 / 38.0 / 0.986 / 0.926.
 # - Guiding every prompt (P plays no part): lambda_max 1.0 / 2.0 leave 0.279 / 0.272, below SLD-max, so what
@@ -47,7 +49,7 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 # started at step 2 removes 0.90 of what it removes from step 0, from step 6 only 0.23), the aligned mask, the
 # cosine schedule (from lambda_max down to 1) and strength unscaled by P.
 SPGUARD_DEFAULTS = {"t_p": 6, "guide_from": 2, "harmfulness_threshold": 0.14, "mask": "aligned", "lambda_max": 2.0,
-                    "q": 0.95, "schedule": "cosine", "scale_by_harmfulness": False}
+                    "q": 0.97, "schedule": "cosine", "scale_by_harmfulness": False}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
