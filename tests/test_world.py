@@ -256,10 +256,11 @@ def test_export_writes_a_loadable_diffusers_folder(tiny_run):
     packaged = json.loads((PACKAGED_MODEL / "spguard.json").read_text())
     assert packaged["concepts"] == model.DEFAULT_CONCEPTS and packaged["spguard"] == export.SPGUARD_DEFAULTS
     # ... and samples with the scheduler an export writes (docs/design.md, "The sampler").
-    written = model.sampling_scheduler().config
+    written = model.sampling_scheduler()
     shipped = json.loads((PACKAGED_MODEL / "scheduler" / "scheduler_config.json").read_text())
-    assert shipped["_class_name"] == type(model.sampling_scheduler()).__name__
-    assert {k: shipped[k] for k in written if not k.startswith("_")} == {k: v for k, v in written.items() if not k.startswith("_")}
+    assert shipped["_class_name"] == type(written).__name__
+    public = {k: v for k, v in written.config.items() if not k.startswith("_")}
+    assert {k: shipped[k] for k in public} == public
 
     class Pipeline(DiffusionPipeline):  # the components a Stable Diffusion style pipeline takes
         def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
@@ -447,8 +448,9 @@ def test_fine_tune_starts_from_a_model_folders_weights(tiny_run, tmp_path):
 @pytest.mark.parametrize("ancestral", [False, True])
 def test_gates_harmfulness_matches_the_pipelines_own(tiny_run, ancestral):
     """The gates' P is SP-Guard's: the same seeds through SafeDiffusionPipeline report the same P, also with a
-    scheduler that draws noise at every step (the gates pass each sample's generator, as the pipeline does)."""
-    from diffusers import DDPMScheduler
+    scheduler that draws noise at every step and counts its steps (the gates pass each sample's generator, as the
+    pipeline does, and the concept-only switch restarts from t_p's scheduler state)."""
+    from diffusers import EulerAncestralDiscreteScheduler
 
     from spguard import SafeDiffusionPipeline, SPGuard
     from spguard.evaluate import roc_auc
@@ -458,7 +460,7 @@ def test_gates_harmfulness_matches_the_pipelines_own(tiny_run, ancestral):
     pipe = SafeDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     if ancestral:
-        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     found = gates.measure(pipe, 3, 3, seed=5, t_p=2, steps=4, guidance_scale=1.5)
     assert set(gates.TARGETS) <= set(found)
     assert 0 <= found["switch_survival"] <= 1 or np.isnan(found["switch_survival"])

@@ -134,7 +134,7 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
 
     # Phase 1 with the probe, then the rest of CFG (probed at t_p); the latents at t_p seed the switch.
     at_t_p = _denoise(pipe, noise, cond, uncond, setting, generator, 0, probe, stop=setting.t_p)
-    states_at_t_p = [g.get_state() for g in generator]
+    checkpoint = pipe._checkpoint(at_t_p, generator)  # the scheduler's and the generators' state at t_p
     cfg_images = _to_images(pipe, _denoise(pipe, at_t_p, cond, uncond, setting, generator, setting.t_p, probe))
     harmfulness = (similarity / setting.t_p).max(1).values.tolist()
 
@@ -155,8 +155,9 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
     # The concept-only switch: the unsafe scenes continue from t_p with their concept as the prompt.
     idx = list(range(len(unsafe)))
     switch_cond = concept_embeds[[concept_of(s, concepts) for s in unsafe]]
-    switch_generator = [torch.Generator().set_state(states_at_t_p[k]) for k in idx]  # the CFG run's noise from t_p
-    switched = _to_images(pipe, _denoise(pipe, at_t_p[idx], switch_cond, uncond[idx], setting, switch_generator, setting.t_p))
+    pipe._restore(checkpoint)  # the switch continues from t_p with the CFG run's noise
+    switched = _to_images(pipe, _denoise(pipe, at_t_p[idx], switch_cond, uncond[idx], setting, generator[: len(idx)],
+                                         setting.t_p))
     survived = []
     for b, scene in enumerate(unsafe):
         in_cfg = {(d.colour, d.place) for d in detect(cfg_images[b]) if not d.unsafe}
