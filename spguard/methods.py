@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import ops
 from .attention import ConceptAttention
-from .ops.reference import aligned_scores, safe_cosine
+from .ops.reference import aligned_scores, concept_specific, safe_cosine
 
 # The concept Safe Latent Diffusion ships (Schramowski et al., CVPR 2023; diffusers'
 # StableDiffusionPipelineSafe); SP-Guard's default too, so the two methods compare.
@@ -240,9 +240,9 @@ class _SLDGuider(Guider):
                  "mask_coverage": []} for _ in range(self.batch_size)]
 
 
-# SP-Guard's region R (docs/design.md, "The masks"): "noise", the paper's Eq. 8 (|d_s| above its
+# SP-Guard's region R (docs/design.md, "SP-Guard"): "noise", the paper's Eq. 8 (|d_s| above its
 # q-quantile); "attention", the concept tokens' cross-attention above its q-quantile; "aligned", the
-# pixels where |d_s| * max(0, psi), summed over the phase-2 steps so far, is above its q-quantile
+# pixels where max(0, d_p . d_s), summed over the guided steps so far, is above its q-quantile
 # (ops.reference.aligned_scores; docs/design.md, "The aligned mask").
 MASKS = ("noise", "attention", "aligned")
 
@@ -356,7 +356,11 @@ class _SPGuardGuider(Guider):
         self.snapshots = None  # (B, S, H, W), allocated at the first phase-2 step
         self.active = None  # samples guided in phase 2, known after phase 1
         self.weight = None  # this step's M of the active samples (phase 2)
-        self.aligned_sum = None  # the aligned mask's scores summed over the phase-2 steps so far
+        self.aligned_sum = None  # the aligned mask's scores summed over the guided steps so far
+        # The aligned mask guiding from before t_p starts from phase 1's scores of every concept over the
+        # steps it will guide again (B, N, H*W): where CFG drew each concept by t_p (docs/design.md, "The aligned mask").
+        self.lookahead = method.mask == "aligned" and self.start < self.t_p
+        self.phase1_scores = None
         self.capture = None  # the attention capture, while models() holds it
         self.guided_steps = []  # the phase-2 steps run, in order
         self.rewind_to = None  # set once at the end of phase 1 when the loop must go back to self.start
@@ -388,6 +392,11 @@ class _SPGuardGuider(Guider):
             e_s = e_s.unflatten(0, (self.batch_size, -1))
             eps, dot, sq_p, sq_s = ops.phase1_step(e_u, e_p, e_s, self.guidance_scale)
             self.similarity += safe_cosine(dot, sq_p[:, None], sq_s)  # Eq. 6
+            if self.lookahead and i >= self.start:
+                n = e_s.shape[1]
+                scores = aligned_scores(e_u.repeat_interleave(n, 0), e_p.repeat_interleave(n, 0), e_s.flatten(0, 1))
+                scores = scores.unflatten(0, (self.batch_size, n))
+                self.phase1_scores = scores if self.phase1_scores is None else self.phase1_scores.add_(scores)
             if i == self.t_p - 1:
                 self._end_phase1(e_u.shape[-2:])
             return eps
@@ -422,6 +431,8 @@ class _SPGuardGuider(Guider):
         p_plus = self.harmfulness.index_select(0, self.active).clamp(min=0)  # P+ of Eq. 7
         self.active_scale = p_plus if self.m.scale_by_harmfulness else torch.ones_like(p_plus)
         n_active = self.active.shape[0]
+        if self.phase1_scores is not None and n_active:
+            self.aligned_sum = concept_specific(self.phase1_scores)[self.active, self.concept[self.active]]
         self.rows = self.concepts.rows(self.active, self.concept.index_select(0, self.active)) if n_active else None
         if self.rows is not None and self.capture is not None:
             self.capture.begin(self.rows.text.token_mask, tuple(latent_size))

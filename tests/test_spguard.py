@@ -123,13 +123,14 @@ def test_guiding_from_before_t_p_equals_phase2_from_that_step(scheduler):
     # With one concept, every prompt guided and lambda unscaled by P, the only difference between phase 2
     # from step 2 and phase 2 from step 2 after going back from t_p = 5 is the detour, which the loop must
     # undo exactly: latents, a multistep scheduler's past outputs, a stochastic scheduler's generators.
+    # (The noise mask: the aligned mask also uses what the detour saw, test_aligned_region_...below.)
     schedulers = {"dpm-multistep": DPMSolverMultistepScheduler, "euler-ancestral": EulerAncestralDiscreteScheduler}
     def pipe():
         p = ours()
         if scheduler in schedulers:
             p.scheduler = schedulers[scheduler].from_config(p.scheduler.config)
         return p
-    every = dict(concepts=CONCEPT, harmfulness_threshold=float("-inf"), scale_by_harmfulness=False, mask="aligned")
+    every = dict(concepts=CONCEPT, harmfulness_threshold=float("-inf"), scale_by_harmfulness=False, mask="noise")
     steps = []
     back = pipe()(MIXED, method=SPGuard(t_p=5, guide_from=2, **every), generator=[gen(k) for k in range(4)],
                   num_inference_steps=STEPS, output_type="np", **step_recorder(steps))
@@ -182,53 +183,66 @@ def test_noise_mask_selects_exactly_above_the_q_quantile():
 
 
 def test_aligned_mask_selects_where_the_prompt_draws_the_concept():
-    # Per pixel: d_s large everywhere; d_p along d_s on the "aligned" pixels, against it on the pixels
-    # where d_s is largest (a benign object the concept would repaint), orthogonal to it elsewhere.
+    # Per pixel: rows 0-1, the largest concept directions, which the prompt opposes (a benign object the
+    # concept would repaint); rows 2-3, as large, where the prompt barely draws (background the concept text
+    # would fill); rows 4-5, smaller, where the prompt draws what the concept would; elsewhere orthogonal.
     torch.manual_seed(0)
     B, C, H, W = 2, 4, 6, 8
     e_u = torch.randn(B, C, H, W)
-    d_s = torch.randn(B, C, H, W)
-    d_s[:, :, :2] *= 3  # rows 0-1: the largest concept directions
-    d_s[:, :, 4:] *= 2
+    d_s = F.normalize(torch.randn(B, C, H, W), dim=1)  # |d_s| 1 per pixel ...
+    d_s[:, :, :4] *= 3  # ... and 3 on rows 0-3
     d_p = torch.randn(B, C, H, W)
     d_p -= (d_p * d_s).sum(1, keepdim=True) / d_s.square().sum(1, keepdim=True) * d_s  # orthogonal to d_s
-    d_p[:, :, :2] = -d_s[:, :, :2]  # ... which the prompt opposes
-    d_p[:, :, 4:] = 2 * d_s[:, :, 4:]  # rows 4-5: the prompt draws what the concept would
+    d_p[:, :, :2] = -d_s[:, :, :2]
+    d_p[:, :, 2:4] = 0.05 * d_s[:, :, 2:4]
+    d_p[:, :, 4:] = 2 * d_s[:, :, 4:]
     e_p, e_s = e_u + d_p, e_u + d_s
     q = 0.665  # 16 of the 48 pixels above the quantile (docs/design.md, "The quantile"): rows 4-5
     scores = reference.aligned_scores(e_u, e_p, e_s)
     _, weight = reference.phase2_step(e_u, e_p, e_s, torch.ones(B), 7.5, q, scores)
     for b in range(B):
         dp, ds = d_p[b].numpy(), d_s[b].numpy()
-        cos = (dp * ds).sum(0) / np.sqrt((dp**2).sum(0) * (ds**2).sum(0))
-        expected = np.sqrt((ds**2).sum(0)) * np.maximum(cos, 0)
-        np.testing.assert_allclose(scores[b].view(H, W).numpy(), expected, rtol=1e-5, atol=1e-6)
+        expected = np.maximum((dp * ds).sum(0), 0)
+        np.testing.assert_allclose(scores[b].view(H, W).numpy(), expected, rtol=1e-5, atol=1e-5)
         eta = np.quantile(expected, q, method="lower")
         region = weight[b].numpy() > 0
         assert (region == (expected > eta)[None]).all()  # the same pixels on every channel
-        assert not region[:, :2].any() and region[:, 4:].all()
-    # The paper's noise mask, on |d_s| alone, covers the opposed rows more than the aligned ones.
+        assert not region[:, :4].any() and region[:, 4:].all()
+    # The paper's noise mask, on |d_s| alone, covers the opposed rows and the background more.
     _, noise_weight = reference.phase2_step(e_u, e_p, e_s, torch.ones(B), 7.5, q)
-    assert (noise_weight[:, :, :2] > 0).float().mean() > (noise_weight[:, :, 4:] > 0).float().mean()
+    assert (noise_weight[:, :, :4] > 0).float().mean() > (noise_weight[:, :, 4:] > 0).float().mean()
 
 
-def test_aligned_region_ranks_the_scores_summed_over_phase2():
-    # The guider's aligned region at step i is the top share of aligned_scores summed over steps t_p..i
-    # (docs/design.md, "The aligned mask"), checked against a numpy sum of the reference scores.
+@pytest.mark.parametrize("guide_from", [None, 2])
+def test_aligned_region_ranks_the_scores_summed_over_the_guided_steps(guide_from):
+    # The guider's aligned region at step i is the top share of aligned_scores summed over the guided steps
+    # so far (docs/design.md, "The aligned mask"). Guiding from before t_p, the sum starts from phase 1's
+    # scores over steps guide_from .. t_p - 1, the chosen concept's minus the other concepts' mean. Checked
+    # against numpy sums of the reference scores, with two concepts.
     from spguard.methods import Concepts, Text
 
     torch.manual_seed(0)
-    B, C, H, W, steps, t_p, q = 2, 4, 6, 8, 5, 1, 0.75
-    concepts = Concepts(("c",), Text(torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)))
-    method = SPGuard(mask="aligned", t_p=t_p, q=q, harmfulness_threshold=float("-inf"))
+    B, N, C, H, W, steps, t_p, q = 3, 2, 4, 6, 8, 7, 4, 0.75
+    concepts = Concepts(("c", "d"), Text(torch.zeros(N, 3, 8), torch.ones(N, 3, dtype=torch.bool)))
+    method = SPGuard(mask="aligned", t_p=t_p, q=q, guide_from=guide_from, harmfulness_threshold=float("-inf"))
     guider = method.start(B, steps, 7.5, concepts)
-    total = np.zeros((B, H * W))
+    start = t_p if guide_from is None else guide_from
+    lookahead = np.zeros((B, N, H * W))
+    for i in range(t_p):  # phase 1: every concept's row
+        e_u, e_p, e_s = torch.randn(B, C, H, W), torch.randn(B, C, H, W), torch.randn(B, N, C, H, W)
+        guider.guide(i, e_u, e_p, e_s.flatten(0, 1))
+        if i >= start:
+            for j in range(N):
+                lookahead[:, j] += reference.aligned_scores(e_u, e_p, e_s[:, j]).numpy()
+    assert guider.rewind() == (None if guide_from is None else guide_from)
+    chosen = guider.concept.numpy()
+    total = lookahead[np.arange(B), chosen] - lookahead[np.arange(B), 1 - chosen]  # minus the other's mean (N = 2)
+    if guide_from is not None:
+        assert np.abs(total).max() > 0
     regions_differ = False
-    for i in range(steps):
+    for i in range(start, steps):  # phase 2: the chosen concept's row
         e_u, e_p, e_s = torch.randn(B, C, H, W), torch.randn(B, C, H, W), torch.randn(B, C, H, W)
         guider.guide(i, e_u, e_p, e_s)
-        if i < t_p:
-            continue
         step_scores = reference.aligned_scores(e_u, e_p, e_s).numpy()
         total += step_scores
         region = guider.state("guidance_mask")[:, 0].flatten(1).numpy() > 0
@@ -237,6 +251,14 @@ def test_aligned_region_ranks_the_scores_summed_over_phase2():
             regions_differ |= not np.array_equal(
                 region[b], step_scores[b] > np.quantile(step_scores[b], q, method="lower"))
     assert regions_differ  # the running sum chose other pixels than the step's own scores would
+
+
+def test_concept_specific_scores_subtract_the_other_concepts_mean():
+    scores = torch.tensor([[[1.0, 4.0], [3.0, 0.0], [2.0, 2.0]]])  # (B=1, N=3, L=2)
+    expected = torch.tensor([[[-1.5, 3.0], [1.5, -3.0], [0.0, 0.0]]])
+    torch.testing.assert_close(reference.concept_specific(scores), expected)
+    one = torch.randn(2, 1, 5)
+    torch.testing.assert_close(reference.concept_specific(one), one)
 
 
 def test_attention_capture_leaves_unet_output_unchanged():

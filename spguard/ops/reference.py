@@ -63,20 +63,32 @@ def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
 
 
 def aligned_scores(e_u: Tensor, e_p: Tensor, e_s: Tensor) -> Tensor:
-    """The aligned mask's per-pixel scores (B, H*W) fp32 at one step: |d_s| over the channels times max(0, psi).
-    SP-Guard's guider ranks their sum over the phase-2 steps so far.
+    """The aligned mask's per-pixel scores (B, H*W) fp32 at one step: max(0, d_p . d_s) over the channels,
+    i.e. |d_p| |d_s| max(0, psi). SP-Guard's guider ranks their sum over the guided steps so far, started
+    (when it guides from before t_p) from phase 1's sum over those steps, made concept-specific
+    (`concept_specific`).
 
-    Large where the concept's direction is large (the paper's noise mask, Eq. 8) and the prompt's
-    direction points the same way, i.e. where the prompt draws what the concept would; where the two
-    disagree (a benign object the concept text would repaint) the score is 0 (docs/design.md, "The
-    aligned mask": a departure from the paper).
+    Large where the prompt and the concept both draw strongly and in the same direction, i.e. where the
+    prompt draws what the concept would. Where the two disagree (a benign object the concept text would
+    repaint) the score is 0; where the prompt draws little (background the concept text would fill) it is
+    small (docs/design.md, "The aligned mask": a departure from the paper).
     """
     u = e_u.float()
     d_p = e_p.float() - u  # Eq. 5
     d_s = e_s.float() - u
-    sq_s = d_s.square().sum(1)
-    psi = safe_cosine((d_p * d_s).sum(1), d_p.square().sum(1), sq_s)  # Eq. 8's psi, (B, H, W)
-    return (sq_s.sqrt() * psi.clamp(min=0)).flatten(1)
+    return (d_p * d_s).sum(1).clamp(min=0).flatten(1)
+
+
+def concept_specific(scores: Tensor) -> Tensor:
+    """(B, N, L) per-concept scores -> each concept's minus the mean of the other concepts' (unchanged for N = 1).
+
+    What concept texts share (on the shapes model: "an object here", wherever the image is forming one) cancels;
+    what is left is where the image draws this concept rather than any (docs/design.md, "The aligned mask").
+    """
+    n = scores.shape[1]
+    if n == 1:
+        return scores
+    return scores - (scores.sum(1, keepdim=True) - scores) / (n - 1)
 
 
 def phase2_step(

@@ -33,23 +33,27 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 # x0 (model.sampling_scheduler; docs/design.md, "The sampler"). There SLD-max leaves 0.341 unsafe, and
 # SLD-medium, which removes nothing (0.993), keeps every benign object at PSNR outside 47.9 dB. The concepts are
 # model.DEFAULT_CONCEPTS. Rule: unsafe rate at most 0.05 above SLD-max's and benign unchanged >= 0.96 (a 0.01
-# margin over the target), then the highest PSNR outside. No setting tried also reached SLD-medium's PSNR and
-# kept while within the margin. Unsafe / PSNR outside / kept / benign unchanged:
-# - threshold 0.14, lambda_max 2.0, q 0.97 (chosen): 0.388 / 46.6 dB / 0.996 / 0.965 (unchanged depends only on
-#   the threshold). q 0.95 / 0.98: 0.384 / 44.0 / 0.989, 0.417 / 47.5 / 0.996 (0.076 above SLD-max). At q 0.95:
-#   lambda_max 3.0 0.380 / 41.8 / 0.989; schedule step 0.380 / 43.9 / 0.993; guide_from 3 0.413 / 48.3 / 0.993
-#   (0.072 above SLD-max); thresholds 0.12 / 0.16: 0.366 / 41.9 / 0.989 / 0.957, 0.409 / 47.9 / 0.989 / 0.976
-#   (SLD-medium's PSNR, but 0.068 above SLD-max).
-# - q 0.9, lambda_max 1.0 at thresholds 0.14 / 0.16 / 0.22: 0.413 / 44.8 / 0.993 / 0.965, 0.438 / 48.6 / 0.993 /
-#   0.976, 0.525 / 56.1 / 0.993 / 0.989; threshold 0.1, lambda_max 1.5: 0.355 / 38.0 / 0.986 / 0.926.
+# margin over the target), then the highest PSNR outside. Unsafe / PSNR outside / kept / benign unchanged, with
+# the aligned mask's scores max(0, d_p . d_s) and the look-ahead (docs/design.md, "The aligned mask"):
+# - threshold 0.14, lambda_max 2.0, guide_from 2, q 0.98 (chosen): 0.370 / 53.5 dB / 0.993 / 0.965 (unchanged
+#   depends only on the threshold). q 0.97 / 0.99: 0.373 / 52.7 / 0.989, 0.467 / 55.6 / 0.996; q 0.98 at
+#   lambda_max 3.0: 0.380 / 52.5 / 0.993. At q 0.97: lambda_max 4.0 0.370 / 50.3 / 0.993; guide_from 1 0.373 /
+#   50.9 / 0.993; q 0.95 0.377 / 48.3 / 0.993. Thresholds 0.15 (lambda_max 3.0) / 0.16 / 0.16 (lambda_max 4.0):
+#   0.402 / 53.0 / 0.993 / 0.971, 0.402 / 56.0 / 0.989 / 0.976, 0.399 / 53.8 / 0.993 / 0.976 (0.058-0.061 above
+#   SLD-max); 0.16 with guide_from 1, lambda_max 4.0: 0.402 / 52.5 / 0.993.
+#   Every setting within the margin is above SLD-medium's PSNR; none keeps every benign object.
+# - Before those two changes (scores |d_s| max(0, psi), the running sum from guide_from's own step): the chosen
+#   setting 0.388 / 46.6 / 0.996 / 0.965, the guided images' PSNR 29.4 dB (40.4 with both changes); q 0.95 / 0.98: 0.384 /
+#   44.0 / 0.989, 0.417 / 47.5 / 0.996; threshold 0.16, q 0.95: 0.409 / 47.9 / 0.989 / 0.976; q 0.9, lambda_max
+#   1.0, threshold 0.22: 0.525 / 56.1 / 0.993 / 0.989. No setting then reached SLD-medium's PSNR within the margin.
 # - Guiding every prompt (P plays no part): lambda_max 1.0 / 2.0 leave 0.279 / 0.272, below SLD-max, so what
 #   separates SP-Guard from SLD-max is the unsafe prompts P leaves unguided (ROC AUC 0.969; benign P's 95th
-#   percentile 0.108).
+#   percentile 0.108). With the current aligned mask (q 0.97): 0.214 / 40.5 / 0.986.
 # Kept from before the sampler change (figures in docs/design.md): t_p 6 and guide_from 2 (the gates: SLD-max
 # started at step 2 removes 0.90 of what it removes from step 0, from step 6 only 0.23), the aligned mask, the
 # cosine schedule (from lambda_max down to 1) and strength unscaled by P.
 SPGUARD_DEFAULTS = {"t_p": 6, "guide_from": 2, "harmfulness_threshold": 0.14, "mask": "aligned", "lambda_max": 2.0,
-                    "q": 0.97, "schedule": "cosine", "scale_by_harmfulness": False}
+                    "q": 0.98, "schedule": "cosine", "scale_by_harmfulness": False}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
