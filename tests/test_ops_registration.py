@@ -48,22 +48,28 @@ def test_opcheck(backend, case):
     torch.library.opcheck(op, small_args(backend_device(backend))[case], test_utils=tests)
 
 
-def test_the_checkouts_kernels_folder_never_registers_the_ops_twice():
-    """From a checkout's root, `import kernels` (Hugging Face's package name, which transformers imports to probe
-    for it) finds this repository's Triton folder. It must not register the triton ops a second time: that
-    destroys the operators spguard.ops holds, and a later call reads freed memory (a crash or bad_alloc)."""
+def test_the_checkouts_kernels_folder_hands_top_level_imports_to_the_installed_kernels(tmp_path):
+    """From a checkout's root, `import kernels` (Hugging Face's package, which transformers 5.25 on depends on and
+    imports) finds this repository's Triton folder first. The folder must hand the import over to the installed
+    package, here a stand-in placed right after the root on sys.path, and must not register the triton ops a
+    second time: that destroys the operators spguard.ops holds, and a later call reads freed memory."""
     pytest.importorskip("triton")
+    installed = tmp_path / "kernels"
+    installed.mkdir()
+    (installed / "__init__.py").write_text("INSTALLED = True\n")
     script = """
 import importlib, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from torch._library.custom_ops import OPDEFS
 import spguard.ops
 before = {name: op for name, op in OPDEFS.items() if name.startswith("spguard::") and name.endswith("_triton")}
 top = importlib.import_module("kernels")
-assert top.__file__.startswith(sys.argv[1]), top.__file__
+assert getattr(top, "INSTALLED", False), top.__file__
+assert sys.modules["kernels"] is top
 assert len(before) == 3 and all(OPDEFS[name] is op for name, op in before.items()), "registered twice"
-assert not hasattr(top, "phase2_step")
 """
-    run = subprocess.run([sys.executable, "-c", script, str(ROOT)], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", script, str(ROOT), str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True)
     assert run.returncode == 0, run.stderr
 
 
