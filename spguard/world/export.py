@@ -42,7 +42,7 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 #   0.402 / 53.0 / 0.993 / 0.971, 0.402 / 56.0 / 0.989 / 0.976, 0.399 / 53.8 / 0.993 / 0.976 (0.058-0.061 above
 #   SLD-max); 0.16 with guide_from 1, lambda_max 4.0: 0.402 / 52.5 / 0.993.
 #   Every setting within the margin is above SLD-medium's PSNR; none keeps every benign object.
-# - Before those two changes (scores |d_s| max(0, psi), the running sum from guide_from's own step): the chosen
+# - Before these changes (scores |d_s| max(0, psi), the running sum from guide_from's own step): the chosen
 #   setting 0.388 / 46.6 / 0.996 / 0.965, the guided images' PSNR 29.4 dB (40.4 with both changes); q 0.95 / 0.98: 0.384 /
 #   44.0 / 0.989, 0.417 / 47.5 / 0.996; threshold 0.16, q 0.95: 0.409 / 47.9 / 0.989 / 0.976; q 0.9, lambda_max
 #   1.0, threshold 0.22: 0.525 / 56.1 / 0.993 / 0.989. No setting then reached SLD-medium's PSNR within the margin.
