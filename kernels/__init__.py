@@ -10,15 +10,14 @@ and registers nothing: a second registration of the same triton_op destroys the 
 spguard.ops, which holds it, would then call freed memory (a crash or `std::bad_alloc` in a later call).
 """
 
-import os
-import sys
-
 
 def _hand_over() -> None:
     """Make `import kernels` return the installed package of that name, found on sys.path without the checkout's
     root; with none installed, this module stays in place, empty."""
     import importlib.machinery
     import importlib.util
+    import os
+    import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]

@@ -393,9 +393,7 @@ class _SPGuardGuider(Guider):
             eps, dot, sq_p, sq_s = ops.phase1_step(e_u, e_p, e_s, self.guidance_scale)
             self.similarity += safe_cosine(dot, sq_p[:, None], sq_s)  # Eq. 6
             if self.lookahead and i >= self.start:
-                n = e_s.shape[1]
-                scores = aligned_scores(e_u.repeat_interleave(n, 0), e_p.repeat_interleave(n, 0), e_s.flatten(0, 1))
-                scores = scores.unflatten(0, (self.batch_size, n))
+                scores = aligned_scores(e_u[:, None], e_p[:, None], e_s)  # (B, N, H*W)
                 self.phase1_scores = scores if self.phase1_scores is None else self.phase1_scores.add_(scores)
             if i == self.t_p - 1:
                 self._end_phase1(e_u.shape[-2:])
@@ -433,6 +431,7 @@ class _SPGuardGuider(Guider):
         n_active = self.active.shape[0]
         if self.phase1_scores is not None and n_active:
             self.aligned_sum = concept_specific(self.phase1_scores)[self.active, self.concept[self.active]]
+        self.phase1_scores = None  # read once
         self.rows = self.concepts.rows(self.active, self.concept.index_select(0, self.active)) if n_active else None
         if self.rows is not None and self.capture is not None:
             self.capture.begin(self.rows.text.token_mask, tuple(latent_size))

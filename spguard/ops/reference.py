@@ -63,8 +63,9 @@ def phase1_step(e_u: Tensor, e_p: Tensor, e_s: Tensor, guidance_scale: float):
 
 
 def aligned_scores(e_u: Tensor, e_p: Tensor, e_s: Tensor) -> Tensor:
-    """The aligned mask's per-pixel scores (B, H*W) fp32 at one step: max(0, d_p . d_s) over the channels,
-    i.e. |d_p| |d_s| max(0, psi). SP-Guard's guider ranks their sum over the guided steps so far, started
+    """The aligned mask's per-pixel scores (..., H*W) fp32 at one step: max(0, d_p . d_s) over the channels,
+    i.e. |d_p| |d_s| max(0, psi). Inputs are (..., C, H, W) and broadcast: e_u, e_p (B, 1, C, H, W) against
+    e_s (B, N, C, H, W) score every concept at once. SP-Guard's guider ranks their sum over the guided steps so far, started
     (when it guides from before t_p) from phase 1's sum over those steps, made concept-specific
     (`concept_specific`).
 
@@ -76,7 +77,7 @@ def aligned_scores(e_u: Tensor, e_p: Tensor, e_s: Tensor) -> Tensor:
     u = e_u.float()
     d_p = e_p.float() - u  # Eq. 5
     d_s = e_s.float() - u
-    return (d_p * d_s).sum(1).clamp(min=0).flatten(1)
+    return (d_p * d_s).sum(-3).clamp(min=0).flatten(-2)
 
 
 def concept_specific(scores: Tensor) -> Tensor:
