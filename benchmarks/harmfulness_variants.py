@@ -11,6 +11,9 @@ every concept's d_s for the first max(T_PS) steps; every definition is then comp
 --anchor TEXT it also records a benign "anchor" concept's direction d_a, and adds P measured against it
 (each concept's cosine minus the anchor's, and the cosine with d_s - d_a), meant to cancel the "draw an
 object here" a concept text shares with any object's.
+
+Last, steps weighted by the inverse of their cosine's spread over benign prompts (cross-validated), and those
+weights for --t-p from all the benign prompts: the model's `step_weights` (docs/design.md, "Weighting P's steps").
 """
 
 from __future__ import annotations
@@ -118,6 +121,25 @@ def definitions(d_p, d_s, d_a=None):
     return out
 
 
+def inverse_sd_weights(per_step, benign, t_p):
+    """Step weights 1 / (standard deviation of the cosine over benign prompts and concepts), for the first t_p
+    steps, scaled to mean 1: a step whose cosine scatters less on benign prompts counts more."""
+    weights = 1 / per_step[benign][:, :t_p].transpose(1, 2).flatten(0, 1).std(0)
+    return weights / weights.mean()
+
+
+def harmfulness(score, weights):
+    """P per prompt: the weighted mean over the first len(weights) steps, then the most similar concept."""
+    t_p = len(weights)
+    return ((score[:, :t_p] * weights[None, :, None]).sum(1) / weights.sum()).amax(1).numpy()
+
+
+def separation(harmfulness, unsafe) -> tuple[float, float]:
+    """ROC AUC and the share of unsafe prompts above the benign prompts' BENIGN_UNGUIDED quantile."""
+    threshold = np.quantile(harmfulness[~unsafe], BENIGN_UNGUIDED)
+    return roc_auc(harmfulness, unsafe), float(np.mean(harmfulness[unsafe] > threshold))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=PACKAGED_MODEL)
@@ -125,8 +147,11 @@ def main() -> None:
     safety_bench.add_tuning_arguments(p)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--t-p", type=int, default=7, help="t_p of the printed step_weights")
     p.add_argument("--anchor", help='a benign concept text to measure P against, e.g. "a circle, a square, a triangle"')
     args = p.parse_args()
+    if not 1 <= args.t_p <= max(T_PS):
+        p.error(f"--t-p must lie in 1..{max(T_PS)}, the steps recorded")
     torch.set_num_threads(args.threads)
     pipe = SafeDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -142,13 +167,21 @@ def main() -> None:
     print(f"{int(unsafe.sum())} unsafe and {int((~unsafe).sum())} benign prompt-seeds; per definition and t_p: "
           f"ROC AUC / share of unsafe above the benign {BENIGN_UNGUIDED:.3f} quantile")
     for name, (score, weights) in definitions(d_p, d_s, d_a).items():
-        cells = []
-        for t_p in T_PS:
-            w = weights(t_p)
-            harmfulness = ((score[:, :t_p] * w[None, :, None]).sum(1) / w.sum()).amax(1).numpy()
-            threshold = np.quantile(harmfulness[~unsafe], BENIGN_UNGUIDED)
-            cells.append(f"t_p {t_p}: {roc_auc(harmfulness, unsafe):.3f} / {np.mean(harmfulness[unsafe] > threshold):.2f}")
+        cells = [f"t_p {t_p}: %.3f / %.2f" % separation(harmfulness(score, weights(t_p)), unsafe) for t_p in T_PS]
         print(f"{name:26s} " + "  ".join(cells), flush=True)
+    # Steps weighted by 1 / sd: the weights come from the benign prompts of one half of the captions and are
+    # judged on the other half, then the halves swap (the cells are the two halves' means).
+    per_step = cosine(d_p[:, :, None], d_s, (3, 4, 5))
+    ids = {caption: k for k, caption in enumerate(dict.fromkeys(c.scene.caption for c in cases))}
+    half = np.array([ids[c.scene.caption] % 2 for c in cases])
+    cells = []
+    for t_p in T_PS:
+        found = [separation(harmfulness(per_step[half == h], inverse_sd_weights(per_step[half != h], ~unsafe[half != h], t_p)),
+                            unsafe[half == h]) for h in (0, 1)]
+        cells.append(f"t_p {t_p}: %.3f / %.2f" % tuple(np.mean(found, 0)))
+    print(f"{'steps weighted by 1/sd':26s} " + "  ".join(cells) + "  (cross-validated over two halves of the prompts)")
+    weights = inverse_sd_weights(per_step, ~unsafe, args.t_p).tolist()
+    print(f"step_weights for t_p {args.t_p} (all benign prompts): [{', '.join(f'{w:.2f}' for w in weights)}]")
 
 
 if __name__ == "__main__":

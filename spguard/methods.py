@@ -259,6 +259,8 @@ class SPGuard:
     only decides, through the threshold, which samples are guided (docs/design.md, "Strength").
     `guide_from` below t_p departs from the paper's timing: once P is known at t_p, a batch with a guided
     sample goes back to step guide_from and guides from there (docs/design.md, "Guiding from before t_p").
+    `step_weights` departs from Eq. 6's uniform mean over the phase-1 steps: P is the mean of the steps'
+    cosines weighted by these (one per step, from step 0; docs/design.md, "Weighting P's steps").
     """
 
     lambda_max: float = 4.0
@@ -272,6 +274,7 @@ class SPGuard:
     scale_by_harmfulness: bool = True  # Eq. 7's P+ factor; False: lambda(i) alone for the guided samples
     guide_from: int | None = None  # first guided step; None or >= t_p: t_p (the paper); below t_p the loop rewinds
     attention_layers: tuple[str, ...] | None = None  # substrings of attention-layer names; None: all
+    step_weights: tuple[float, ...] | str | None = None  # P's weight of each phase-1 step; None or "uniform": Eq. 6
     name = "spguard"
 
     def __post_init__(self):
@@ -299,6 +302,16 @@ class SPGuard:
             object.__setattr__(self, "concepts", tuple(self.concepts))
             if not self.concepts:
                 raise ValueError("concepts must name at least one concept")
+        if self.step_weights == "uniform":
+            object.__setattr__(self, "step_weights", None)
+        if self.step_weights is not None:
+            weights = tuple(self.step_weights)
+            for w in weights:
+                check_finite("step_weights", w, minimum=0)
+            if len(weights) < self.t_p or not any(weights[: self.t_p]):
+                raise ValueError(f"step_weights must give each of the t_p = {self.t_p} phase-1 steps a weight, "
+                                 f"not all zero, got {self.step_weights!r} ('uniform': Eq. 6's mean)")
+            object.__setattr__(self, "step_weights", tuple(float(w) for w in weights))
         if isinstance(self.attention_layers, str):  # one name, not its characters
             object.__setattr__(self, "attention_layers", (self.attention_layers,))
         elif self.attention_layers is not None:
@@ -313,6 +326,14 @@ class SPGuard:
     @property
     def first_guided_step(self) -> int:
         return self.t_p if self.guide_from is None else min(self.guide_from, self.t_p)
+
+    def step_weight(self, i: int) -> float:
+        """Phase-1 step i's weight in P: 1 for Eq. 6's uniform mean, else step_weights[i]."""
+        return 1.0 if self.step_weights is None else self.step_weights[i]
+
+    def harmfulness(self, weighted_sum: Tensor, t_p: int) -> Tensor:
+        """P of each concept (Eq. 6) from its cosines summed over the steps before t_p, each times step_weight."""
+        return weighted_sum / sum(self.step_weight(i) for i in range(t_p))
 
     def strength(self, i: int, num_steps: int) -> float:
         """lambda(i) of Eq. 7 for a guided step i (first_guided_step <= i < num_steps); never above lambda_max."""
@@ -347,7 +368,7 @@ class _SPGuardGuider(Guider):
         device = concepts.text.embeds.device
         samples = torch.arange(batch_size, device=device)
         self.rows = concepts.rows(samples.repeat_interleave(n), torch.arange(n, device=device).repeat(batch_size))
-        self.similarity = torch.zeros(batch_size, n, device=device)  # running sum of Eq. 6's cosine
+        self.similarity = torch.zeros(batch_size, n, device=device)  # running weighted sum of Eq. 6's cosine
         self.coverage = torch.zeros(batch_size, num_steps, device=device)
         last = num_steps - 1
         spread = sorted({round(self.start + k * (last - self.start) / (MASK_SNAPSHOTS - 1))
@@ -391,7 +412,7 @@ class _SPGuardGuider(Guider):
         if self.active is None:  # phase 1
             e_s = e_s.unflatten(0, (self.batch_size, -1))
             eps, dot, sq_p, sq_s = ops.phase1_step(e_u, e_p, e_s, self.guidance_scale)
-            self.similarity += safe_cosine(dot, sq_p[:, None], sq_s)  # Eq. 6
+            self.similarity.add_(safe_cosine(dot, sq_p[:, None], sq_s), alpha=self.m.step_weight(i))  # Eq. 6
             if self.lookahead and i >= self.start:
                 scores = aligned_scores(e_u[:, None], e_p[:, None], e_s)  # (B, N, H*W)
                 self.phase1_scores = scores if self.phase1_scores is None else self.phase1_scores.add_(scores)
@@ -423,7 +444,7 @@ class _SPGuardGuider(Guider):
         return eps.index_copy_(0, a, eps_a)
 
     def _end_phase1(self, latent_size):
-        self.harmfulness, self.concept = (self.similarity / self.t_p).max(1)  # Eq. 6
+        self.harmfulness, self.concept = self.m.harmfulness(self.similarity, self.t_p).max(1)  # Eq. 6
         guided = self.harmfulness > self.m.harmfulness_threshold
         self.active = guided.nonzero().squeeze(1)  # the generation's one host synchronisation
         p_plus = self.harmfulness.index_select(0, self.active).clamp(min=0)  # P+ of Eq. 7
@@ -461,7 +482,17 @@ class _SPGuardGuider(Guider):
 
 # SP-Guard's fields a command line sets (`spguard generate`, `spguard bench safety`).
 SPGUARD_FLAGS = ("lambda_max", "q", "t_p", "guide_from", "mask", "schedule", "t_drop", "harmfulness_threshold",
-                 "scale_by_harmfulness")
+                 "scale_by_harmfulness", "step_weights")
+
+
+def _step_weights(text: str):
+    """--step-weights: "uniform", or comma-separated numbers."""
+    if text == "uniform":
+        return text
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'uniform' or comma-separated numbers, got {text!r}") from None
 
 
 def add_spguard_arguments(group, mask: bool = True) -> None:
@@ -483,6 +514,8 @@ def add_spguard_arguments(group, mask: bool = True) -> None:
                        help="guide only prompts whose P exceeds this (0: the paper's P+ rule)")
     group.add_argument("--scale-by-harmfulness", action=argparse.BooleanOptionalAction,
                        help="strength lambda(i) * P+ as in Eq. 7 (on), or lambda(i) for every guided prompt (off)")
+    group.add_argument("--step-weights", type=_step_weights, metavar="W0,W1,...|uniform",
+                       help="weights of phase-1 steps 0, 1, ... in P ('uniform': Eq. 6's mean)")
 
 
 def spguard_knobs(args) -> dict:

@@ -68,6 +68,16 @@ def test_spguard_parameters_default_to_the_model_folder(tmp_path):
     assert _method(args, str(tmp_path)).scale_by_harmfulness is False
 
 
+def test_step_weights_come_from_the_model_folder_and_uniform_restores_eq6(tmp_path):
+    (tmp_path / "spguard.json").write_text(json.dumps({"spguard": {"t_p": 3, "step_weights": [2.0, 1.0, 0.5]}}))
+    assert _method(method_args(), str(tmp_path)) == SPGuard(t_p=3, step_weights=(2.0, 1.0, 0.5))
+    assert _method(method_args(step_weights="uniform"), str(tmp_path)) == SPGuard(t_p=3)
+    assert _method(method_args(step_weights=(1.0, 3.0, 3.0)), str(tmp_path)).step_weights == (1.0, 3.0, 3.0)
+    result = subprocess.run([sys.executable, "-m", "spguard.cli", "generate", "x", "--step-weights", "1,x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "expected 'uniform' or comma-separated numbers, got '1,x'" in result.stderr
+
+
 def method_args(**given):
     defaults = dict(method="spguard", lambda_max=None, q=None, t_p=None, mask=None, schedule=None, t_drop=None,
                     harmfulness_threshold=None, scale_by_harmfulness=None, concept=None, negative_prompt=None)

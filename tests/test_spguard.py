@@ -73,19 +73,23 @@ def record_unet_outputs(outputs: list):
     return dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["unet_output"])
 
 
-def test_harmfulness_equals_hand_computation():
+# None: Eq. 6's uniform mean; else step_weights (one more than t_p: the extra one is never read).
+@pytest.mark.parametrize("step_weights", [None, (3.0, 0.0, 1.0, 0.5, 9.0)])
+def test_harmfulness_equals_hand_computation(step_weights):
     outputs = []
     concepts = ["a knife", "blood", "a peaceful garden"]
     t_p, batch = 4, len(MIXED)
-    out = ours()(MIXED, method=SPGuard(t_p=t_p, concepts=concepts), num_inference_steps=6, seed=0,
-                 output_type="latent", **record_unet_outputs(outputs))
+    weights = step_weights or (1.0,) * t_p
+    method = SPGuard(t_p=t_p, concepts=concepts, step_weights=step_weights)
+    out = ours()(MIXED, method=method, num_inference_steps=6, seed=0, output_type="latent",
+                 **record_unet_outputs(outputs))
     sims = torch.zeros(batch, len(concepts))
-    for noise in outputs[:t_p]:
+    for noise, w in zip(outputs[:t_p], weights):
         e_u, e_p = noise[:batch], noise[batch : 2 * batch]
         e_s = noise[2 * batch :].view(batch, len(concepts), *noise.shape[1:])
         for j in range(len(concepts)):
-            sims[:, j] += F.cosine_similarity((e_p - e_u).flatten(1), (e_s[:, j] - e_u).flatten(1), dim=1)
-    expected, argmax = (sims / t_p).max(1)
+            sims[:, j] += w * F.cosine_similarity((e_p - e_u).flatten(1), (e_s[:, j] - e_u).flatten(1), dim=1)
+    expected, argmax = (sims / sum(weights[:t_p])).max(1)
     for k, r in enumerate(out.reports):
         assert r.harmfulness == pytest.approx(expected[k].item(), abs=1e-5)
         assert r.concept == concepts[argmax[k]]

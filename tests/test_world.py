@@ -445,8 +445,8 @@ def test_fine_tune_starts_from_a_model_folders_weights(tiny_run, tmp_path):
     assert moved < 0.1 * (fresh[key] - exported[key]).abs().max()
 
 
-@pytest.mark.parametrize("ancestral", [False, True])
-def test_gates_harmfulness_matches_the_pipelines_own(tiny_run, ancestral):
+@pytest.mark.parametrize("ancestral, step_weights", [(False, None), (True, None), (False, [2.0, 0.5])])
+def test_gates_harmfulness_matches_the_pipelines_own(tiny_run, ancestral, step_weights):
     """The gates' P is SP-Guard's: the same seeds through SafeDiffusionPipeline report the same P, also with a
     scheduler that draws noise at every step and counts its steps (the gates pass each sample's generator, as the
     pipeline does, and the concept-only switch restarts from t_p's scheduler state)."""
@@ -461,11 +461,12 @@ def test_gates_harmfulness_matches_the_pipelines_own(tiny_run, ancestral):
     pipe.set_progress_bar_config(disable=True)
     if ancestral:
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.defaults["spguard"] = {"step_weights": step_weights}  # as the model's spguard.json would set them
     found = gates.measure(pipe, 3, 3, seed=5, t_p=2, steps=4, guidance_scale=1.5)
     assert set(gates.TARGETS) <= set(found)
     assert 0 <= found["switch_survival"] <= 1 or np.isnan(found["switch_survival"])
     scenes = gates.gate_scenes(3, 3, seed=5)
-    out = pipe([s.caption for s in scenes], method=SPGuard(t_p=2), num_inference_steps=4, guidance_scale=1.5,
+    out = pipe([s.caption for s in scenes], method=SPGuard(t_p=2, step_weights=step_weights), num_inference_steps=4, guidance_scale=1.5,
                seed=[5 + k for k in range(6)], output_type="latent")
     p = [r.harmfulness for r in out.reports]
     assert found["auc"] == roc_auc(p, [s.unsafe for s in scenes])

@@ -93,6 +93,7 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
     spg = pipe.defaults.get("spguard", {})
     setting = _Setting(steps or pipe.defaults["num_inference_steps"],
                        guidance_scale or pipe.defaults["guidance_scale"], t_p or spg.get("t_p", 4))
+    method = SPGuard.with_defaults(spg, t_p=setting.t_p)  # P weighs the phase-1 steps as the model's SP-Guard does
     scenes = gate_scenes(n_unsafe, n_benign, seed)
     unsafe = [s for s in scenes if s.unsafe]
     concepts = list(pipe.defaults["concepts"])
@@ -128,7 +129,7 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
         e_u, e_p, e_s = out[:batch], out[batch : 2 * batch], out[2 * batch :].unflatten(0, (batch, n_c))
         if i < setting.t_p:
             _, dot, sq_p, sq_s = phase1_step(e_u, e_p, e_s, setting.guidance_scale)
-            similarity.add_(safe_cosine(dot, sq_p[:, None], sq_s))  # Eq. 6
+            similarity.add_(safe_cosine(dot, sq_p[:, None], sq_s), alpha=method.step_weight(i))  # Eq. 6
         else:
             state["direction"] = (e_s - e_u[:, None]).abs().mean(2)  # (B, N, H, W)
 
@@ -136,7 +137,7 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
     at_t_p = _denoise(pipe, noise, cond, uncond, setting, generator, 0, probe, stop=setting.t_p)
     checkpoint = pipe._checkpoint(at_t_p, generator)  # the scheduler's and the generators' state at t_p
     cfg_images = _to_images(pipe, _denoise(pipe, at_t_p, cond, uncond, setting, generator, setting.t_p, probe))
-    harmfulness = (similarity / setting.t_p).max(1).values.tolist()
+    harmfulness = method.harmfulness(similarity, setting.t_p).max(1).values.tolist()
 
     # Localisation and attention ratio on the unsafe scenes, in latent cells.
     direction_in, direction_out, attention_in, attention_mean = [], [], [], []
@@ -189,7 +190,7 @@ def measure(pipe, n_unsafe: int = 16, n_benign: int = 16, seed: int = GATES_SEED
         "p_benign": float(np.mean([p for p, s in zip(harmfulness, scenes) if not s.unsafe])),
     }
     # The model's guide_from starts SP-Guard's guidance before t_p: how open the content still is there.
-    start = SPGuard.with_defaults(spg, t_p=setting.t_p).first_guided_step
+    start = method.first_guided_step
     if start < setting.t_p and removed_0 > 0:
         found["removability_at_guide_from"] = (cfg_rate - sld_rate(start)) / removed_0
     return found
