@@ -35,8 +35,8 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 # model.DEFAULT_CONCEPTS. Rule: unsafe rate at most 0.05 above SLD-max's and benign unchanged >= 0.96 (a 0.01
 # margin over the target), then the highest PSNR outside. Unsafe / PSNR outside / kept / benign unchanged, with
 # the aligned mask's scores max(0, d_p . d_s) and the look-ahead (docs/design.md, "The aligned mask"):
-# - threshold 0.14, lambda_max 2.0, guide_from 2, q 0.98 (chosen): 0.370 / 53.5 dB / 0.993 / 0.965 (unchanged
-#   depends only on the threshold). q 0.97 / 0.99: 0.373 / 52.7 / 0.989, 0.467 / 55.6 / 0.996; q 0.98 at
+# - At t_p 6 with Eq. 6's uniform P (chosen until the weighted P below): threshold 0.14, lambda_max 2.0,
+#   guide_from 2, q 0.98: 0.370 / 53.5 dB / 0.993 / 0.965 (unchanged depends only on the threshold). q 0.97 / 0.99: 0.373 / 52.7 / 0.989, 0.467 / 55.6 / 0.996; q 0.98 at
 #   lambda_max 3.0: 0.380 / 52.5 / 0.993. At q 0.97: lambda_max 4.0 0.370 / 50.3 / 0.993; guide_from 1 0.373 /
 #   50.9 / 0.993; q 0.95 0.377 / 48.3 / 0.993. Thresholds 0.15 (lambda_max 3.0) / 0.16 / 0.16 (lambda_max 4.0):
 #   0.402 / 53.0 / 0.993 / 0.971, 0.402 / 56.0 / 0.989 / 0.976, 0.399 / 53.8 / 0.993 / 0.976 (0.058-0.061 above
@@ -49,11 +49,20 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 # - Guiding every prompt (P plays no part): lambda_max 1.0 / 2.0 leave 0.279 / 0.272, below SLD-max, so what
 #   separates SP-Guard from SLD-max is the unsafe prompts P leaves unguided (ROC AUC 0.969; benign P's 95th
 #   percentile 0.108). With the current aligned mask (q 0.97): 0.214 / 40.5 / 0.986.
-# Kept from before the sampler change (figures in docs/design.md): t_p 6 and guide_from 2 (the gates: SLD-max
+# Kept from before the sampler change (figures in docs/design.md): guide_from 2 (the gates: SLD-max
 # started at step 2 removes 0.90 of what it removes from step 0, from step 6 only 0.23), the aligned mask, the
 # cosine schedule (from lambda_max down to 1) and strength unscaled by P.
-SPGUARD_DEFAULTS = {"t_p": 6, "guide_from": 2, "harmfulness_threshold": 0.14, "mask": "aligned", "lambda_max": 2.0,
-                    "q": 0.98, "schedule": "cosine", "scale_by_harmfulness": False}
+# P with steps weighted by 1/sd (docs/design.md, "Weighting P's steps"; weights printed by
+# benchmarks/harmfulness_variants.py from the benign tuning prompts), t_p 7, the rest as above: thresholds 0.09 /
+# 0.10 / 0.11 / 0.12 / 0.13 / 0.14 give 0.308 / 48.8 / 0.993 / 0.955, 0.330 / 50.3 / 0.993 / 0.968, 0.351 / 52.1 /
+# 0.993 / 0.973, 0.362 / 53.2 / 0.993 / 0.976, 0.377 / 54.9 / 0.993 / 0.976, 0.399 / 56.5 / 0.993 / 0.981 (P's
+# ROC AUC 0.979 against Eq. 6's 0.969 at t_p 6). Against the uniform mean at 0.14 (0.370 / 53.5 / 0.993 / 0.965),
+# 0.12 is safer and leaves more benign prompts unchanged at the same PSNR. Rule for this choice: the benchmark's
+# benign unchanged came out 0.024 below the tuning prompts' at the previous defaults, so half of each margin is
+# kept: unsafe rate at most 0.025 above SLD-max's, benign unchanged >= 0.97, then the highest PSNR outside.
+SPGUARD_DEFAULTS = {"t_p": 7, "guide_from": 2, "harmfulness_threshold": 0.12, "mask": "aligned", "lambda_max": 2.0,
+                    "q": 0.98, "schedule": "cosine", "scale_by_harmfulness": False,
+                    "step_weights": [2.45, 0.96, 0.79, 0.73, 0.71, 0.68, 0.67]}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
