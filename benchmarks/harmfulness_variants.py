@@ -166,12 +166,13 @@ def main() -> None:
     d_s, d_a = (d_s[:, :, :-1], d_s[:, :, -1:]) if args.anchor else (d_s, None)
     print(f"{int(unsafe.sum())} unsafe and {int((~unsafe).sum())} benign prompt-seeds; per definition and t_p: "
           f"ROC AUC / share of unsafe above the benign {BENIGN_UNGUIDED:.3f} quantile")
-    for name, (score, weights) in definitions(d_p, d_s, d_a).items():
+    variants = definitions(d_p, d_s, d_a)
+    for name, (score, weights) in variants.items():
         cells = [f"t_p {t_p}: %.3f / %.2f" % separation(harmfulness(score, weights(t_p)), unsafe) for t_p in T_PS]
         print(f"{name:26s} " + "  ".join(cells), flush=True)
     # Steps weighted by 1 / sd: the weights come from the benign prompts of one half of the captions and are
     # judged on the other half, then the halves swap (the cells are the two halves' means).
-    per_step = cosine(d_p[:, :, None], d_s, (3, 4, 5))
+    per_step = variants["Eq. 6: mean cosine"][0]  # (B, T, J) cosines
     ids = {caption: k for k, caption in enumerate(dict.fromkeys(c.scene.caption for c in cases))}
     half = np.array([ids[c.scene.caption] % 2 for c in cases])
     cells = []
