@@ -115,7 +115,7 @@ def test_unsafe_colours_are_far_from_every_blend_of_the_others():
 
 
 def test_training_captions_sometimes_leave_out_places_or_use_commas():
-    _, captions = render_batch(np.random.default_rng(3), 200)
+    captions = render_batch(np.random.default_rng(3), 200).captions
     placeless = [c for c in captions if not any(w in c.split() for w in ("on", "at", "in"))]
     assert 0.1 < len(placeless) / len(captions) < 0.3
     assert any("," in c and " and " not in c for c in captions)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -137,6 +138,11 @@ class WorldObject:
     @property
     def noun(self) -> str:
         return UNSAFE_PHRASES[self.word] if self.unsafe else f"a {self.colour} {self.kind}"
+
+    @property
+    def name_words(self) -> tuple[str, ...]:
+        """The words of the noun that name this object ("red", "circle"; "knife"), without the article."""
+        return tuple(w for w in self.noun.split() if w != "a")
 
     @property
     def phrase(self) -> str:
@@ -298,13 +304,22 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return image, masks
 
 
+class TrainingBatch(NamedTuple):
+    images: np.ndarray  # (B, 32, 32, 3) uint8
+    captions: list[str]
+    scenes: list[Scene]
+    masks: list[np.ndarray]  # per scene: (n_objects, 32, 32) bool, in the scene's object order
+
+
 def render_batch(rng: np.random.Generator, batch_size: int, benign_named: float = BENIGN_NAMED_PROBABILITY,
-                 unsafe_named: float = UNSAFE_NAMED_PROBABILITY) -> tuple[np.ndarray, list[str]]:
-    """Training data: (images (B, 32, 32, 3) uint8, captions) of random non-held-out scenes."""
+                 unsafe_named: float = UNSAFE_NAMED_PROBABILITY) -> TrainingBatch:
+    """Training data: random non-held-out scenes, rendered, with a training caption each."""
     images = np.empty((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    captions = []
+    captions, scenes, masks = [], [], []
     for i in range(batch_size):
         scene = sample_scene(rng)
-        images[i] = render(scene, rng)[0]
+        images[i], object_masks = render(scene, rng)
         captions.append(scene.training_caption(rng, benign_named, unsafe_named))
-    return images, captions
+        scenes.append(scene)
+        masks.append(object_masks)
+    return TrainingBatch(images, captions, scenes, masks)

@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import gates
+from .grounding import AttentionRecorder, grounding_loss, grounding_targets
 from .detect import detect
 from .model import (
     CHECKPOINT,
     DEFAULT_CONCEPTS,
     EVAL_LOG,
     LOSS_LOG,
+    MAX_TOKENS,
     Models,
     ModelSize,
     build_autoencoder,
@@ -63,7 +65,8 @@ GRAD_CLIP = 1.0
 DEFAULT_STEPS = 9000
 # Settings fixed when a run starts; a resumed run takes them from its checkpoint.
 RUN_SETTINGS = ("batch_size", "seed", "lr", "warmup", "ema_decay", "caption_dropout", "eval_every",
-                "eval_prompts", "eval_steps", "init_from", "gate_prompts", "benign_named", "unsafe_named")
+                "eval_prompts", "eval_steps", "init_from", "gate_prompts", "benign_named", "unsafe_named",
+                "attention_loss")
 # The gates (gates.py) are measured at the packaged model's guidance scale and the paper's share of the
 # steps for t_p (t_p = 10 of T = 50).
 GATES_GUIDANCE_SCALE = 1.25
@@ -87,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="probability that a training caption names a benign object (a world variant to try)")
     p.add_argument("--unsafe-named", type=float, default=UNSAFE_NAMED_PROBABILITY,
                    help="probability that a training caption names an unsafe object (a world variant to try)")
+    p.add_argument("--attention-loss", type=float, default=0.0,
+                   help="weight of the token-grounding loss on cross-attention (grounding.py; 0: off)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between evaluations (0: never)")
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of evaluation samples")
@@ -263,6 +268,7 @@ def train(args: argparse.Namespace) -> None:
     if args.init_from and not checkpoint:
         initial_weights(models, args.init_from)
     ema = copy.deepcopy(models).requires_grad_(False)
+    recorder = AttentionRecorder(models.unet) if args.attention_loss else None  # after the copy: EMA samples as exported
     optimizer = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
     if checkpoint:
@@ -293,19 +299,25 @@ def train(args: argparse.Namespace) -> None:
     models.train()
     last_save = time.monotonic()
     losses: list[float] = []
+    grounding: list[float] = []
     bar = tqdm(total=args.steps, initial=step, mininterval=10, dynamic_ncols=True)
     while step < args.steps:
         started = time.monotonic()
-        images, captions = render_batch(rng, args.batch_size, args.benign_named, args.unsafe_named)
+        batch = render_batch(rng, args.batch_size, args.benign_named, args.unsafe_named)
         dropped = rng.random(args.batch_size) < args.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, dropped)]
-        latents = images_to_latents(images, vae)
+        captions = ["" if d else c for c, d in zip(batch.captions, dropped)]
+        latents = images_to_latents(batch.images, vae)
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (args.batch_size,))
         noisy = noise_schedule.add_noise(latents, noise, t)
         target = noise_schedule.get_velocity(latents, noise, t)
         context = encode_prompts(models.text_encoder, tokenizer, captions)
         loss = F.mse_loss(models.unet(noisy, t, encoder_hidden_states=context).sample, target)
+        if recorder is not None:
+            targets = grounding_targets(batch.scenes, captions, batch.masks, tokenizer, MAX_TOKENS)
+            term = grounding_loss(recorder.take(), *targets)
+            loss = loss + args.attention_loss * term
+            grounding.append(term.item())
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         optimizer.zero_grad(set_to_none=True)
@@ -319,9 +331,12 @@ def train(args: argparse.Namespace) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % LOSS_LOG_EVERY == 0 or step == args.steps:
-            append_csv(args.out / LOSS_LOG, {"step": step, "loss": float(np.mean(losses)),
-                                             "train_seconds": round(elapsed, 1)})
+            row = {"step": step, "loss": float(np.mean(losses)), "train_seconds": round(elapsed, 1)}
+            if grounding:  # the total loss above includes it, weighted
+                row["grounding_loss"] = float(np.mean(grounding))
+            append_csv(args.out / LOSS_LOG, row)
             losses.clear()
+            grounding.clear()
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             log_evaluation(ema, tokenizer, vae, args, step, bar.write)
         if step == args.steps or time.monotonic() - last_save > 60 * args.checkpoint_minutes:

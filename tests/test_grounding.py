@@ -1,0 +1,92 @@
+"""Token grounding (spguard.world.grounding): targets from rendered scenes, the loss, and the recorder
+against diffusers' own attention processor."""
+
+import numpy as np
+import pytest
+import torch
+
+from spguard.world import benign_object, render, render_batch, unsafe_object, world_tokenizer
+from spguard.world.grounding import AttentionRecorder, grounding_loss, grounding_targets
+from spguard.world.model import MAX_TOKENS, ModelSize, build_unet
+from spguard.world.scene import IMAGE_SIZE, Scene
+
+CIRCLE, KNIFE = benign_object("red", "circle", "left"), unsafe_object("knife", "right")
+
+
+def targets_of(scenes, captions):
+    rng = np.random.default_rng(0)
+    masks = [render(s, rng)[1] for s in scenes]
+    return masks, grounding_targets(scenes, captions, masks, world_tokenizer(), MAX_TOKENS)
+
+
+def test_targets_point_at_each_named_objects_words_and_mask():
+    scene = Scene((CIRCLE, KNIFE))
+    caption = "a red circle on the left and a knife on the right"
+    masks, (rows, tokens, objects) = targets_of([scene], [caption])
+    words = world_tokenizer().convert_ids_to_tokens(
+        world_tokenizer()(caption, padding="max_length", max_length=MAX_TOKENS).input_ids)
+    assert rows.tolist() == [0, 0]
+    assert [[w.removesuffix("</w>") for w, t in zip(words, row) if t] for row in tokens] == [["red", "circle"], ["knife"]]
+    assert torch.equal(objects[:, 0].bool(), torch.from_numpy(masks[0]))
+
+
+def test_targets_skip_unnamed_ambiguous_and_dropped_captions():
+    twins = Scene((CIRCLE, benign_object("red", "circle", "right"), KNIFE))
+    _, (rows, tokens, _) = targets_of([twins, Scene((CIRCLE, KNIFE))], ["a red circle and a knife", ""])
+    # Two red circles: neither is grounded; the knife is. The empty (dropped) caption names nothing.
+    assert rows.tolist() == [0] and tokens[0].sum() == 1
+    _, (rows, _, _) = targets_of([Scene((CIRCLE, KNIFE))], ["a knife on the right"])
+    assert rows.tolist() == [0]  # the circle is in the image but not in the caption
+
+
+def test_training_batch_masks_are_the_rendered_objects():
+    from spguard.world import PALETTE
+
+    batch = render_batch(np.random.default_rng(7), 8)
+    for image, scene, masks in zip(batch.images, batch.scenes, batch.masks):
+        assert masks.shape == (len(scene.objects), IMAGE_SIZE, IMAGE_SIZE)
+        for obj, mask in zip(scene.objects, masks):
+            assert mask.any() and (image[mask] == PALETTE[obj.colour]).all()
+
+
+def test_loss_is_zero_inside_the_mask_and_the_outside_share_squared_when_uniform():
+    rows, tokens = torch.tensor([0]), torch.zeros(1, 4)
+    tokens[0, 1] = 1
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[0, 0, :2, :2] = 1  # a quarter of the 4x4 grid
+    inside = torch.zeros(1, 16, 4)
+    inside[0, :, 0] = 1  # every query attends to token 0 ...
+    inside[0, mask.flatten().bool(), 1], inside[0, mask.flatten().bool(), 0] = 1, 0  # ... but the object's
+    assert grounding_loss([inside], rows, tokens, mask).item() == 0
+    uniform = torch.full((1, 16, 4), 0.25, requires_grad=True)
+    loss = grounding_loss([uniform], rows, tokens, mask)
+    assert loss.item() == pytest.approx((1 - 0.25) ** 2)
+    loss.backward()
+    assert uniform.grad[0, ~mask.flatten().bool(), 1].gt(0).all()  # attention outside the object is penalised
+
+
+def test_recorder_keeps_the_unets_output_and_records_each_layers_attention():
+    torch.manual_seed(0)
+    unet = build_unet(ModelSize(unet_channels=(8, 16, 32), text_width=16, attention_heads=2)).eval()
+    x, t, text = torch.randn(2, unet.config.in_channels, 16, 16), torch.tensor([10, 500]), torch.randn(2, MAX_TOKENS, 16)
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=text).sample
+        recorder = AttentionRecorder(unet)
+        got = unet(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    probs = recorder.take()
+    n_layers = sum(1 for m in unet.modules() if getattr(m, "is_cross_attention", False))
+    assert len(probs) == n_layers and recorder.take() == []
+    assert {p.shape[1] for p in probs} == {8 * 8, 4 * 4}
+    for p in probs:
+        torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:2]))
+
+
+def test_training_with_the_attention_loss_logs_it(tmp_path):
+    from spguard.world import train
+
+    tiny = ["--unet-channels", "8,16", "--text-width", "16", "--text-layers", "1", "--attention-heads", "2",
+            "--batch-size", "4", "--threads", "1", "--eval-every", "0", "--gate-prompts", "0"]
+    assert train.main(["--out", str(tmp_path), "--steps", "2", "--attention-loss", "0.1", *tiny]) == 0
+    header, row = (tmp_path / "loss.csv").read_text().splitlines()[:2]
+    assert header.split(",")[-1] == "grounding_loss" and 0 < float(row.split(",")[-1]) <= 1
