@@ -1,7 +1,8 @@
 """Train the shapes world's text-to-image model from scratch: `python -m spguard.world.train`.
 
 Renders training scenes on the fly (never a held-out one), trains text encoder and UNet together with
-v-prediction and caption dropout (for classifier-free guidance), keeps EMA weights, and every
+v-prediction and caption dropout (for classifier-free guidance), optionally with a loss that grounds the named
+objects' tokens' cross-attention on them (--attention-loss, grounding.py), keeps EMA weights, and every
 --eval-every steps samples held-out prompts with the EMA weights and scores them with the world's
 detector (written to OUT/eval.csv). Checkpoints (model, EMA, optimizer, RNG states, step) go to
 OUT/checkpoint.pt every few minutes, atomically; rerunning the same command resumes from it with the
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import gates
-from .grounding import AttentionRecorder, grounding_loss, grounding_targets
 from .detect import detect
+from .grounding import AttentionRecorder, grounding_loss, grounding_targets
 from .model import (
     CHECKPOINT,
     DEFAULT_CONCEPTS,
