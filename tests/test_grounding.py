@@ -87,6 +87,10 @@ def test_training_with_the_attention_loss_logs_it(tmp_path):
 
     tiny = ["--unet-channels", "8,16", "--text-width", "16", "--text-layers", "1", "--attention-heads", "2",
             "--batch-size", "4", "--threads", "1", "--eval-every", "0", "--gate-prompts", "0"]
-    assert train.main(["--out", str(tmp_path), "--steps", "2", "--attention-loss", "0.1", *tiny]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert train.main(["--out", str(tmp_path), "--steps", "2", "--attention-loss", "0.1", *tiny]) == 0
+    finally:  # the trainer sets the process's thread count, which later tests' float sums depend on
+        torch.set_num_threads(threads)
     header, row = (tmp_path / "loss.csv").read_text().splitlines()[:2]
     assert header.split(",")[-1] == "grounding_loss" and 0 < float(row.split(",")[-1]) <= 1
