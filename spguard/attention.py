@@ -66,18 +66,23 @@ class ConceptAttention:
         return hook
 
     def _add(self, attn: Attention, query: Tensor, key: Tensor):
-        # Heads as diffusers' processors split them: (rows, tokens, heads * d) -> (rows, heads, tokens, d).
-        query = query.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-        key = key.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        attention = ops.cross_attention_aggregate(query, key, self.token_mask)  # (rows, L)
+        attention = ops.cross_attention_aggregate(*split_heads(attn, query, key), self.token_mask)  # (rows, L)
         h, w = _layer_grid(attention.shape[1], *self.size)
         attention = F.interpolate(attention.view(-1, 1, h, w), size=self.size, mode="bilinear", align_corners=False)
         self.total = attention[:, 0] if self.total is None else self.total + attention[:, 0]
         self.layers += 1
+
+
+def split_heads(attn: Attention, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k as diffusers' processors split them, (rows, tokens, heads * d) -> (rows, heads, tokens, d), with
+    the layer's q and k norms applied."""
+    query = query.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    key = key.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key
 
 
 def _layer_grid(length: int, height: int, width: int) -> tuple[int, int]:

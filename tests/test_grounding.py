@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spguard.world import benign_object, render, render_batch, unsafe_object, world_tokenizer
-from spguard.world.grounding import AttentionRecorder, grounding_loss, grounding_targets
+from spguard.world.grounding import GroundingAttention, grounding_loss, grounding_targets
 from spguard.world.model import MAX_TOKENS, ModelSize, build_unet
 from spguard.world.scene import IMAGE_SIZE, Scene
 
@@ -50,36 +50,40 @@ def test_training_batch_masks_are_the_rendered_objects():
 
 
 def test_loss_is_zero_inside_the_mask_and_the_outside_share_squared_when_uniform():
-    rows, tokens = torch.tensor([0]), torch.zeros(1, 4)
-    tokens[0, 1] = 1
     mask = torch.zeros(1, 1, 4, 4)
     mask[0, 0, :2, :2] = 1  # a quarter of the 4x4 grid
-    inside = torch.zeros(1, 16, 4)
-    inside[0, :, 0] = 1  # every query attends to token 0 ...
-    inside[0, mask.flatten().bool(), 1], inside[0, mask.flatten().bool(), 0] = 1, 0  # ... but the object's
-    assert grounding_loss([inside], rows, tokens, mask).item() == 0
-    uniform = torch.full((1, 16, 4), 0.25, requires_grad=True)
-    loss = grounding_loss([uniform], rows, tokens, mask)
+    inside = mask.flatten(1).clone()  # the object's tokens get attention only at the object's queries
+    assert grounding_loss([inside], mask).item() == 0
+    uniform = torch.full((1, 16), 0.25, requires_grad=True)  # every query gives them a quarter of its attention
+    loss = grounding_loss([uniform], mask)
     assert loss.item() == pytest.approx((1 - 0.25) ** 2)
     loss.backward()
-    assert uniform.grad[0, ~mask.flatten().bool(), 1].gt(0).all()  # attention outside the object is penalised
+    assert uniform.grad[0, ~mask.flatten().bool()].gt(0).all()  # attention outside the object is penalised
+    assert grounding_loss([uniform], torch.zeros(0, 1, 1, 1)).item() == 0  # no object named
 
 
-def test_recorder_keeps_the_unets_output_and_records_each_layers_attention():
+def test_capture_keeps_the_unets_output_and_maps_each_layer_for_the_chosen_rows():
     torch.manual_seed(0)
     unet = build_unet(ModelSize(unet_channels=(8, 16, 32), text_width=16, attention_heads=2)).eval()
     x, t, text = torch.randn(2, unet.config.in_channels, 16, 16), torch.tensor([10, 500]), torch.randn(2, MAX_TOKENS, 16)
-    with torch.no_grad():
-        expected = unet(x, t, encoder_hidden_states=text).sample
-        recorder = AttentionRecorder(unet)
-        got = unet(x, t, encoder_hidden_states=text).sample
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    probs = recorder.take()
+    expected = unet(x, t, encoder_hidden_states=text).sample
+    capture = GroundingAttention(unet)
+    first, rest = torch.zeros(MAX_TOKENS), torch.ones(MAX_TOKENS)
+    first[:3], rest[:3] = 1, 0
+    capture.begin(torch.tensor([1, 0, 1]), torch.stack([first, first, rest]))
+    got = unet(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(got, expected)
+    maps = capture.take()
     n_layers = sum(1 for m in unet.modules() if getattr(m, "is_cross_attention", False))
-    assert len(probs) == n_layers and recorder.take() == []
-    assert {p.shape[1] for p in probs} == {8 * 8, 4 * 4}
-    for p in probs:
-        torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:2]))
+    assert len(maps) == n_layers and capture.take() == []
+    assert {m.shape for m in maps} == {(3, 8 * 8), (3, 4 * 4)}
+    for m in maps:
+        torch.testing.assert_close(m[0] + m[2], torch.ones(m.shape[1]))  # complementary tokens of one row: all of it
+        assert not torch.allclose(m[0], m[1])  # rows 1 and 0 of the batch differ
+    maps[0].sum().backward()  # the loss reaches the query and key projections
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if "attn2.to_k" in n)
+    unet(x, t, encoder_hidden_states=text)
+    assert capture.take() == []  # nothing captured until the next begin
 
 
 def test_training_with_the_attention_loss_logs_it(tmp_path):

@@ -18,39 +18,34 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
 from torch import Tensor
 
+from ..attention import ConceptAttention, split_heads
+from ..ops import reference
 from .scene import Scene
 
 
-class AttentionRecorder:
-    """Installs on a UNet's cross-attention layers a processor that computes attention explicitly and keeps
-    each layer's head-averaged probabilities (B, queries, tokens) of the current forward pass, with their
-    gradients. For training only: the exported model keeps diffusers' own processors."""
+class GroundingAttention(ConceptAttention):
+    """The attention mask's hooks on q and k (spguard.attention), installed for the training model's lifetime:
+    for the rows and token masks `begin` names, each cross-attention layer's map (rows, queries) of the next
+    forward pass at the layer's own resolution, with gradients (ops' torch reference: the kernels have none).
+    diffusers' processors keep computing the forward pass."""
 
     def __init__(self, unet):
-        self.probs: list[Tensor] = []
-        layers = [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
-        if not layers:
-            raise ValueError("the UNet has no cross-attention layer")
-        for attn in layers:
-            if attn.norm_cross is not None or attn.group_norm is not None or attn.residual_connection:
-                raise ValueError("AttentionRecorder supports plain cross-attention layers only")
-            attn.set_processor(self)
+        super().__init__(unet)
+        self.__enter__()
+        self.maps: list[Tensor] = []
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (B * heads, queries, tokens)
-        self.probs.append(probs.unflatten(0, (-1, attn.heads)).mean(1))
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        return attn.to_out[1](attn.to_out[0](hidden_states)) / attn.rescale_output_factor
+    def begin(self, rows: Tensor, token_mask: Tensor):
+        self.rows, self.token_mask, self.maps = rows, token_mask, []
 
     def take(self) -> list[Tensor]:
-        probs, self.probs = self.probs, []
-        return probs
+        maps, self.maps, self.token_mask = self.maps, [], None
+        return maps
+
+    def _add(self, attn, query: Tensor, key: Tensor):
+        query, key = split_heads(attn, query[self.rows], key[self.rows])
+        self.maps.append(reference.cross_attention_aggregate(query, key, self.token_mask))
 
 
 def grounding_targets(scenes: list[Scene], captions: list[str], masks: list[np.ndarray], tokenizer,
@@ -81,15 +76,14 @@ def grounding_targets(scenes: list[Scene], captions: list[str], masks: list[np.n
     return torch.tensor(rows), torch.stack(tokens), torch.stack(objects).float()[:, None]
 
 
-def grounding_loss(probs: list[Tensor], rows: Tensor, token_mask: Tensor, object_mask: Tensor) -> Tensor:
-    """TokenCompose's token loss over the recorded layers (module docstring); 0 when no object is named."""
-    if len(rows) == 0:
-        return probs[0].new_zeros(())
+def grounding_loss(maps: list[Tensor], object_mask: Tensor) -> Tensor:
+    """TokenCompose's token loss over the captured layers' maps (S, queries) on square grids (module
+    docstring); 0 when no object is named."""
+    if len(object_mask) == 0:
+        return object_mask.new_zeros(())
     terms = []
-    for layer in probs:  # (B, queries, tokens) on a square grid
-        side = math.isqrt(layer.shape[1])
-        inside = F.adaptive_avg_pool2d(object_mask, side).flatten(1)  # (S, queries): share of each query's area
-        attention = (layer[rows] * token_mask[:, None, :]).sum(-1)  # (S, queries)
+    for attention in maps:
+        inside = F.adaptive_avg_pool2d(object_mask, math.isqrt(attention.shape[1])).flatten(1)  # share of each query's area
         share = (attention * inside).sum(1) / attention.sum(1).clamp_min(torch.finfo(attention.dtype).tiny)
         terms.append(((1 - share) ** 2).mean())
     return torch.stack(terms).mean()

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import gates
 from .detect import detect
-from .grounding import AttentionRecorder, grounding_loss, grounding_targets
+from .grounding import GroundingAttention, grounding_loss, grounding_targets
 from .model import (
     CHECKPOINT,
     DEFAULT_CONCEPTS,
@@ -269,7 +269,7 @@ def train(args: argparse.Namespace) -> None:
     if args.init_from and not checkpoint:
         initial_weights(models, args.init_from)
     ema = copy.deepcopy(models).requires_grad_(False)
-    recorder = AttentionRecorder(models.unet) if args.attention_loss else None  # after the copy: EMA samples as exported
+    grounding_capture = GroundingAttention(models.unet) if args.attention_loss else None  # after the copy: not on EMA
     optimizer = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
     if checkpoint:
@@ -313,10 +313,12 @@ def train(args: argparse.Namespace) -> None:
         noisy = noise_schedule.add_noise(latents, noise, t)
         target = noise_schedule.get_velocity(latents, noise, t)
         context = encode_prompts(models.text_encoder, tokenizer, captions)
+        if grounding_capture is not None:
+            rows, token_mask, object_mask = grounding_targets(batch.scenes, captions, batch.masks, tokenizer, MAX_TOKENS)
+            grounding_capture.begin(rows, token_mask)
         loss = F.mse_loss(models.unet(noisy, t, encoder_hidden_states=context).sample, target)
-        if recorder is not None:
-            targets = grounding_targets(batch.scenes, captions, batch.masks, tokenizer, MAX_TOKENS)
-            term = grounding_loss(recorder.take(), *targets)
+        if grounding_capture is not None:
+            term = grounding_loss(grounding_capture.take(), object_mask)
             loss = loss + args.attention_loss * term
             grounding.append(term.item())
         for group in optimizer.param_groups:
