@@ -60,9 +60,15 @@ DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.
 # 0.12 is safer and leaves more benign prompts unchanged at the same PSNR. Rule for this choice: the benchmark's
 # benign unchanged came out 0.024 below the tuning prompts' at the previous defaults, so half of each margin is
 # kept: unsafe rate at most 0.025 above SLD-max's, benign unchanged >= 0.97, then the highest PSNR outside.
-SPGUARD_DEFAULTS = {"t_p": 7, "guide_from": 2, "harmfulness_threshold": 0.12, "mask": "aligned", "lambda_max": 2.0,
+# Since the weights are fine-tuned with grounded cross-attention (3,000 steps, --attention-loss 0.02; docs/design.md,
+# "Grounded cross-attention"): step weights again from benchmarks/harmfulness_variants.py (ROC AUC 0.977 at t_p 7),
+# the same rule. SLD-max leaves 0.351 unsafe; SLD-medium keeps every benign object at PSNR outside 51.4 dB.
+# Thresholds 0.10 / 0.12 / 0.14 / 0.15 / 0.16 / 0.18 give 0.264 / 48.5 / 0.993 / 0.952, 0.293 / 50.3 / 0.993 /
+# 0.965, 0.312 / 51.6 / 0.993 / 0.973, 0.333 / 53.1 / 0.993 / 0.976, 0.351 / 54.5 / 0.993 / 0.976, 0.380 / 56.8 /
+# 0.996 / 0.981: 0.16 is the highest within the margin.
+SPGUARD_DEFAULTS = {"t_p": 7, "guide_from": 2, "harmfulness_threshold": 0.16, "mask": "aligned", "lambda_max": 2.0,
                     "q": 0.98, "schedule": "cosine", "scale_by_harmfulness": False,
-                    "step_weights": [2.45, 0.96, 0.79, 0.73, 0.71, 0.68, 0.67]}
+                    "step_weights": [2.40, 1.07, 0.84, 0.80, 0.78, 0.73, 0.70]}
 SPGUARD_CONFIG = "spguard.json"
 COMPONENTS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
