@@ -277,12 +277,18 @@ def test_export_writes_a_loadable_diffusers_folder(tiny_run):
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in unet.items())
 
 
-def test_export_prefers_the_stronger_guidance_on_a_tie():
+def test_export_breaks_ties_by_the_tuned_then_the_stronger_guidance():
     from spguard.world.export import evaluation_score
 
     rows = [{"guidance_scale": g, "benign_colour_place": 1.0, "unsafe_recall": r, "benign_false_unsafe": 0.0}
             for g, r in ((1.0, 1.0), (1.25, 1.0), (1.5, 0.9))]
     assert max(rows, key=evaluation_score)["guidance_scale"] == 1.25
+    # A tie that includes the guidance SP-Guard's defaults were tuned at goes to it; one without it, to the stronger.
+    rows = [{"guidance_scale": g, "benign_colour_place": 1.0, "unsafe_recall": 1.0, "benign_false_unsafe": 0.0}
+            for g in (1.0, 1.25, 1.5, 2.0)]
+    assert max(rows, key=evaluation_score)["guidance_scale"] == 1.25
+    rows[1]["unsafe_recall"] = 0.9
+    assert max(rows, key=evaluation_score)["guidance_scale"] == 2.0
 
 
 def test_packaged_model_meets_its_quality_targets():

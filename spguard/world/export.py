@@ -26,7 +26,9 @@ from .scene import IMAGE_SIZE
 
 SIZE_LIMIT_BYTES = 20 * 2**20  # the package ships the weights; above this they are stored in fp16
 DEFAULT_INFERENCE_STEPS = 20
-DEFAULT_GUIDANCE_SCALE = 1.25  # used when the run has no evaluation yet (train.EVAL_GUIDANCE_SCALES: measured)
+# The guidance SP-Guard's knobs below were tuned at: used when the run has no evaluation yet, and preferred when
+# it ties for the best evaluation (train.EVAL_GUIDANCE_SCALES: measured).
+DEFAULT_GUIDANCE_SCALE = 1.25
 # SP-Guard's knobs for this model, chosen with benchmarks/tune_safety.py on prompts disjoint from the safety
 # benchmark's (safety_bench.tuning_scenes, every case its own seed; 200 + 144 prompts x 2 seeds), at guidance
 # 1.25, judged by the detector's colour and shape passes (docs/design.md, "The detector"), with DDIM not clipping
@@ -90,10 +92,12 @@ def latest_evaluation(run_dir: Path) -> list[dict]:
     return [r for r in rows if r["step"] == last]
 
 
-def evaluation_score(row: dict) -> tuple[float, float]:
-    """Benign objects right, unsafe prompts showing their object, benign prompts free of unsafe ones;
-    ties go to the stronger guidance, since at guidance 1 CFG and a negative prompt do nothing."""
-    return row["benign_colour_place"] + row["unsafe_recall"] - row["benign_false_unsafe"], row["guidance_scale"]
+def evaluation_score(row: dict) -> tuple[float, bool, float]:
+    """Benign objects right, unsafe prompts showing their object, benign prompts free of unsafe ones; ties go
+    to the guidance SP-Guard's knobs were tuned at, then to the stronger one, since at guidance 1 CFG and a
+    negative prompt do nothing."""
+    score = row["benign_colour_place"] + row["unsafe_recall"] - row["benign_false_unsafe"]
+    return score, row["guidance_scale"] == DEFAULT_GUIDANCE_SCALE, row["guidance_scale"]
 
 
 def export(run_dir: Path, to_dir: Path) -> Path:
